@@ -1,0 +1,36 @@
+// Helpers shared by the CPU kernels: the Philox key from a torch.Generator, dtype dispatch of
+// the log-weights, and the row-parallel loop.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Generator.h>
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <utility>
+
+namespace pathsmc::cpu {
+
+// (seed, offset) of the Philox stream for one op call. The CPU generator advances by one
+// 64-bit draw per call, so successive calls get fresh noise and a seeded generator repeats.
+inline std::pair<uint64_t, uint64_t> philox_key(const std::optional<at::Generator>& gen) {
+  auto* g = at::get_generator_or_default<at::CPUGeneratorImpl>(
+      gen, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(g->mutex_);
+  return {g->random64(), 0};
+}
+
+// Rows of `work_per_row` elements each, split so that a task has >= ~32k elements.
+template <typename F>
+inline void parallel_rows(int64_t rows, int64_t work_per_row, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
+  at::parallel_for(0, rows, grain, f);
+}
+
+// Dead particles: NaN log-weights count as -inf.
+inline double clean_logw(double v) { return std::isnan(v) ? -INFINITY : v; }
+
+}  // namespace pathsmc::cpu

@@ -1,0 +1,155 @@
+// CPU kernels of the MCMC-exchange family: mala_accept and replica_swap.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/common.h"
+#include "pathsmc/gaussian.h"
+#include "pathsmc/philox.h"
+
+namespace pathsmc::cpu {
+namespace {
+
+template <typename scalar_t, typename weight_t>
+void mala_rows(const at::Tensor& x, const at::Tensor& xp, const at::Tensor& lp,
+               const at::Tensor& lpp, const at::Tensor& g, const at::Tensor& gp,
+               const at::Tensor& step, const double* u, uint64_t seed, uint64_t offset,
+               at::Tensor& xo, at::Tensor& lpo, at::Tensor& go, at::Tensor& acc) {
+  const int64_t N = x.size(1), D = x.size(2), rows = x.size(0) * N;
+  const scalar_t *x_ = x.data_ptr<scalar_t>(), *xp_ = xp.data_ptr<scalar_t>();
+  const scalar_t *g_ = g.data_ptr<scalar_t>(), *gp_ = gp.data_ptr<scalar_t>();
+  const weight_t *lp_ = lp.data_ptr<weight_t>(), *lpp_ = lpp.data_ptr<weight_t>();
+  const double* st = step.data_ptr<double>();
+  scalar_t *xo_ = xo.data_ptr<scalar_t>(), *go_ = go.data_ptr<scalar_t>();
+  weight_t* lpo_ = lpo.data_ptr<weight_t>();
+  bool* acc_ = acc.data_ptr<bool>();
+  parallel_rows(rows, 4 * D, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const double h = st[r / N];
+      const int64_t o = r * D;
+      double fwd = 0.0, bwd = 0.0;  // |x' - x - h∇(x)|², |x - x' - h∇(x')|²
+      for (int64_t d = 0; d < D; ++d) {
+        fwd += mala_sq(xp_[o + d], x_[o + d], g_[o + d], h);
+        bwd += mala_sq(x_[o + d], xp_[o + d], gp_[o + d], h);
+      }
+      const double log_alpha = static_cast<double>(lpp_[r]) - static_cast<double>(lp_[r]) +
+                               (fwd - bwd) / (4.0 * h);
+      const double ur = u ? u[r] : stream_uniform(seed, offset, static_cast<uint64_t>(r));
+      const bool a = std::log(ur) < log_alpha;  // NaN: rejected
+      acc_[r] = a;
+      std::memcpy(xo_ + o, (a ? xp_ : x_) + o, D * sizeof(scalar_t));
+      std::memcpy(go_ + o, (a ? gp_ : g_) + o, D * sizeof(scalar_t));
+      lpo_[r] = a ? lpp_[r] : lp_[r];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mala_accept_cpu(
+    const at::Tensor& x_in, const at::Tensor& xp_in, const at::Tensor& lp_in,
+    const at::Tensor& lpp_in, const at::Tensor& g_in, const at::Tensor& gp_in,
+    const at::Tensor& step_in, const std::optional<at::Tensor>& uniforms,
+    const std::optional<at::Generator>& generator) {
+  TORCH_CHECK(x_in.dim() == 3, "mala_accept: x must be (B, N, D), got ", x_in.sizes());
+  for (const auto* t : {&xp_in, &g_in, &gp_in})
+    TORCH_CHECK(t->sizes() == x_in.sizes() && t->scalar_type() == x_in.scalar_type(),
+                "mala_accept: x_prop, grad and grad_prop must match x in shape and dtype");
+  const int64_t B = x_in.size(0), N = x_in.size(1);
+  TORCH_CHECK(lp_in.dim() == 2 && lp_in.size(0) == B && lp_in.size(1) == N,
+              "mala_accept: logp must be (B, N)");
+  TORCH_CHECK(lpp_in.sizes() == lp_in.sizes() && lpp_in.scalar_type() == lp_in.scalar_type(),
+              "mala_accept: logp_prop must match logp");
+  TORCH_CHECK(step_in.numel() == B, "mala_accept: step must have one entry per row (B,)");
+  const at::Tensor x = x_in.contiguous(), xp = xp_in.contiguous(), g = g_in.contiguous(),
+                   gp = gp_in.contiguous(), lp = lp_in.contiguous(), lpp = lpp_in.contiguous();
+  const at::Tensor step = step_in.to(at::kDouble).contiguous();
+  at::Tensor u;
+  uint64_t seed = 0, offset = 0;
+  if (uniforms.has_value()) {
+    TORCH_CHECK(uniforms->sizes() == lp.sizes(), "mala_accept: uniforms must be (B, N)");
+    u = uniforms->to(at::kDouble).contiguous();
+  } else {
+    std::tie(seed, offset) = philox_key(generator);
+  }
+  const double* up = u.defined() ? u.data_ptr<double>() : nullptr;
+  at::Tensor xo = at::empty_like(x), go = at::empty_like(g), lpo = at::empty_like(lp);
+  at::Tensor acc = at::empty(lp.sizes(), lp.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pathsmc::mala_accept", [&] {
+    if (lp.scalar_type() == at::kDouble) {
+      mala_rows<scalar_t, double>(x, xp, lp, lpp, g, gp, step, up, seed, offset, xo, lpo, go, acc);
+    } else {
+      TORCH_CHECK(lp.scalar_type() == at::kFloat, "mala_accept: logp must be float32/64");
+      mala_rows<scalar_t, float>(x, xp, lp, lpp, g, gp, step, up, seed, offset, xo, lpo, go, acc);
+    }
+  });
+  return {xo, lpo, go, acc};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> replica_swap_cpu(
+    at::TensorList states, const at::Tensor& log_ratio_in, int64_t parity,
+    const std::optional<at::Tensor>& uniforms, const std::optional<at::Generator>& generator) {
+  TORCH_CHECK(log_ratio_in.dim() == 2 && log_ratio_in.size(0) >= 1,
+              "replica_swap: log_ratio must be (K-1, C) with K >= 2, got ", log_ratio_in.sizes());
+  const int64_t Km1 = log_ratio_in.size(0), C = log_ratio_in.size(1), K = Km1 + 1;
+  const at::Tensor lr = log_ratio_in.to(at::kDouble).contiguous();
+  at::Tensor u;
+  uint64_t seed = 0, offset = 0;
+  if (uniforms.has_value()) {
+    TORCH_CHECK(uniforms->sizes() == log_ratio_in.sizes(),
+                "replica_swap: uniforms must be (K-1, C) like log_ratio");
+    u = uniforms->to(at::kDouble).contiguous();
+  } else {
+    std::tie(seed, offset) = philox_key(generator);
+  }
+  at::Tensor accepted = at::zeros({Km1, C}, log_ratio_in.options().dtype(at::kBool));
+  at::Tensor perm = at::empty({K, C}, log_ratio_in.options().dtype(at::kLong));
+  const double* lrp = lr.data_ptr<double>();
+  const double* up = u.defined() ? u.data_ptr<double>() : nullptr;
+  bool* ap = accepted.data_ptr<bool>();
+  int64_t* pp = perm.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c) pp[k * C + c] = k;
+  for (int64_t k = parity & 1; k < Km1; k += 2) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = k * C + c;
+      const double ur = up ? up[i] : stream_uniform(seed, offset, static_cast<uint64_t>(i));
+      if (std::log(ur) < lrp[i]) {  // NaN: rejected
+        ap[i] = true;
+        pp[k * C + c] = k + 1;
+        pp[(k + 1) * C + c] = k;
+      }
+    }
+  }
+  std::vector<at::Tensor> out;
+  for (const auto& s_in : states) {
+    TORCH_CHECK(s_in.dim() >= 2 && s_in.size(0) == K && s_in.size(1) == C,
+                "replica_swap: every state must be (K, C, ...) matching log_ratio, got ",
+                s_in.sizes());
+    const at::Tensor s = s_in.contiguous();
+    at::Tensor o = at::empty_like(s);
+    const int64_t bytes = s.numel() / (K * C) * s.element_size();
+    const char* src = static_cast<const char*>(s.data_ptr());
+    char* dst = static_cast<char*>(o.data_ptr());
+    at::parallel_for(0, K * C, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
+                     [&](int64_t p0, int64_t p1) {
+                       for (int64_t p = p0; p < p1; ++p) {
+                         const int64_t c = p % C;
+                         std::memcpy(dst + p * bytes, src + (pp[p] * C + c) * bytes, bytes);
+                       }
+                     });
+    out.push_back(o);
+  }
+  return {out, accepted, perm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pathsmc, CPU, m) {
+  m.impl("mala_accept", &mala_accept_cpu);
+  m.impl("replica_swap", &replica_swap_cpu);
+}
+
+}  // namespace pathsmc::cpu

@@ -1,0 +1,226 @@
+// CPU kernels of the step family: em_step and kernel_logpdf.
+// One pass over memory per row of D elements; noise drawn in chunks from the Philox stream.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/common.h"
+#include "pathsmc/gaussian.h"
+#include "pathsmc/philox.h"
+
+namespace pathsmc::cpu {
+namespace {
+
+constexpr int64_t kChunk = 256;  // elements of noise generated at a time (multiple of 4)
+
+// Standard normals for flat elements [e0, e0 + len) of the stream (seed, offset).
+template <typename T>
+void fill_normals(uint64_t seed, uint64_t offset, int64_t e0, int64_t len, T* out) {
+  constexpr int kPer = NormalBlock<T>::kPerCall;
+  T z[kPer];
+  int64_t e = e0;
+  const int64_t end = e0 + len;
+  while (e < end) {
+    const int64_t block = e / kPer;
+    NormalBlock<T>::draw(seed, offset, static_cast<uint64_t>(block), z);
+    const int64_t stop = std::min(end, (block + 1) * kPer);
+    for (; e < stop; ++e) out[e - e0] = z[e - block * kPer];
+  }
+}
+
+struct StepArgs {
+  double h, s, fwd_coef, fwd_linear;
+  std::vector<double> coefs;
+  uint64_t seed, offset;
+};
+
+template <typename scalar_t, typename weight_t>
+void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vector<at::Tensor>& refs,
+                  const at::Tensor* noise, const at::Tensor* logw, at::Tensor& x_out,
+                  at::Tensor* logw_out, const StepArgs& args) {
+  const int64_t rows = x.size(0) * x.size(1), D = x.size(2);
+  const int64_t K = static_cast<int64_t>(refs.size());
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* ap = drift.data_ptr<scalar_t>();
+  const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
+  std::vector<const scalar_t*> bp(K);
+  for (int64_t k = 0; k < K; ++k) bp[k] = refs[k].data_ptr<scalar_t>();
+  scalar_t* xo = x_out.data_ptr<scalar_t>();
+  const bool weighted = logw != nullptr;
+  const weight_t* lw = weighted ? logw->data_ptr<weight_t>() : nullptr;
+  weight_t* lwo = weighted ? logw_out->data_ptr<weight_t>() : nullptr;
+  const bool fwd = args.fwd_coef != 0.0;
+
+  const scalar_t h = static_cast<scalar_t>(args.h), s = static_cast<scalar_t>(args.s);
+  const scalar_t h_over_s = static_cast<scalar_t>(weighted ? args.h / args.s : 0.0);
+  const scalar_t lam = static_cast<scalar_t>(args.fwd_linear);
+  double coef_total = args.fwd_coef;
+  for (double c : args.coefs) coef_total += c;
+  const double log_norm = weighted ? gaussian_log_norm(D, args.s) * (coef_total - 1.0) : 0.0;
+
+  parallel_rows(rows, D * (2 + K), [&](int64_t r0, int64_t r1) {
+    std::vector<scalar_t> eps_buf(np ? 0 : kChunk);
+    std::vector<double> ss_ref(K);
+    for (int64_t r = r0; r < r1; ++r) {
+      double ss_prop = 0.0, ss_fwd = 0.0;
+      std::fill(ss_ref.begin(), ss_ref.end(), 0.0);
+      for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+        const int64_t len = std::min(kChunk, D - d0);
+        const int64_t base = r * D + d0;
+        const scalar_t* eps;
+        if (np) {
+          eps = np + base;
+        } else {
+          fill_normals<scalar_t>(args.seed, args.offset, base, len, eps_buf.data());
+          eps = eps_buf.data();
+        }
+        const scalar_t* xr = xp + base;
+        const scalar_t* ar = ap + base;
+        scalar_t* xor_ = xo + base;
+        for (int64_t d = 0; d < len; ++d) xor_[d] = xr[d] + ar[d] * h + s * eps[d];
+        if (!weighted) continue;
+        for (int64_t d = 0; d < len; ++d) ss_prop += static_cast<double>(eps[d]) * eps[d];
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* br = bp[k] + base;
+          double acc = 0.0;
+          for (int64_t d = 0; d < len; ++d) {
+            const scalar_t z = ref_residual<scalar_t>(ar[d], br[d], h_over_s, eps[d]);
+            acc += static_cast<double>(z) * z;
+          }
+          ss_ref[k] += acc;
+        }
+        if (fwd) {
+          for (int64_t d = 0; d < len; ++d) {
+            const scalar_t z = fwd_residual<scalar_t>(ar[d], xor_[d], lam, h_over_s, eps[d]);
+            ss_fwd += static_cast<double>(z) * z;
+          }
+        }
+      }
+      if (!weighted) continue;
+      double delta = 0.5 * ss_prop - 0.5 * args.fwd_coef * ss_fwd + log_norm;
+      for (int64_t k = 0; k < K; ++k) delta -= 0.5 * args.coefs[k] * ss_ref[k];
+      lwo[r] = static_cast<weight_t>(static_cast<double>(lw[r]) + delta);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> em_step_cpu(
+    const at::Tensor& x_in, const at::Tensor& drift_in, const std::optional<at::Tensor>& logw_in,
+    double dt, double sigma, at::TensorList ref_drifts, at::ArrayRef<double> ref_coefs,
+    double fwd_coef, double fwd_linear, const std::optional<at::Tensor>& noise_in,
+    const std::optional<at::Generator>& generator) {
+  TORCH_CHECK(x_in.dim() == 3, "em_step: x must be (B, N, D), got ", x_in.sizes());
+  TORCH_CHECK(drift_in.sizes() == x_in.sizes() && drift_in.scalar_type() == x_in.scalar_type(),
+              "em_step: drift must match x in shape and dtype");
+  TORCH_CHECK(ref_drifts.size() == ref_coefs.size(),
+              "em_step: ref_coefs must have one entry per ref_drifts tensor");
+  const at::Tensor x = x_in.contiguous(), drift = drift_in.contiguous();
+  std::vector<at::Tensor> refs;
+  for (const auto& r : ref_drifts) {
+    TORCH_CHECK(r.sizes() == x.sizes() && r.scalar_type() == x.scalar_type(),
+                "em_step: every ref_drifts tensor must match x in shape and dtype");
+    refs.push_back(r.contiguous());
+  }
+  at::Tensor noise;
+  if (noise_in.has_value()) {
+    TORCH_CHECK(noise_in->sizes() == x.sizes() && noise_in->scalar_type() == x.scalar_type(),
+                "em_step: noise must match x in shape and dtype");
+    noise = noise_in->contiguous();
+  }
+  StepArgs args{dt, sigma * std::sqrt(dt), fwd_coef, fwd_linear,
+                std::vector<double>(ref_coefs.begin(), ref_coefs.end()), 0, 0};
+  if (!noise.defined()) std::tie(args.seed, args.offset) = philox_key(generator);
+
+  at::Tensor x_out = at::empty_like(x);
+  at::Tensor logw, logw_out;
+  if (logw_in.has_value()) {
+    TORCH_CHECK(logw_in->dim() == 2 && logw_in->size(0) == x.size(0) &&
+                    logw_in->size(1) == x.size(1),
+                "em_step: logw must be (B, N) matching x, got ", logw_in->sizes());
+    TORCH_CHECK(sigma > 0, "em_step: sigma must be > 0 when logw is given");
+    logw = logw_in->contiguous();
+    logw_out = at::empty_like(logw);
+  } else {
+    logw_out = at::empty({0}, x.options().dtype(at::kDouble));
+  }
+  const at::Tensor* np = noise.defined() ? &noise : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pathsmc::em_step", [&] {
+    if (!logw.defined()) {
+      em_step_rows<scalar_t, double>(x, drift, refs, np, nullptr, x_out, nullptr, args);
+    } else if (logw.scalar_type() == at::kDouble) {
+      em_step_rows<scalar_t, double>(x, drift, refs, np, &logw, x_out, &logw_out, args);
+    } else {
+      TORCH_CHECK(logw.scalar_type() == at::kFloat, "em_step: logw must be float32 or float64");
+      em_step_rows<scalar_t, float>(x, drift, refs, np, &logw, x_out, &logw_out, args);
+    }
+  });
+  return {x_out, logw_out};
+}
+
+template <typename scalar_t, typename weight_t>
+void kernel_logpdf_rows(const at::Tensor& y, const at::Tensor& base, const at::Tensor* drift,
+                        const at::Tensor& logw, at::Tensor& out, double h, double s, double coef,
+                        double lam) {
+  const int64_t rows = y.size(0) * y.size(1), D = y.size(2);
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  const scalar_t* bp = base.data_ptr<scalar_t>();
+  const scalar_t* dp = drift ? drift->data_ptr<scalar_t>() : nullptr;
+  const weight_t* lw = logw.data_ptr<weight_t>();
+  weight_t* lo = out.data_ptr<weight_t>();
+  const double inv_s = 1.0 / s, log_norm = gaussian_log_norm(D, s);
+  parallel_rows(rows, D, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * D;
+      double ss = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double dr = dp ? static_cast<double>(dp[o + d]) : 0.0;
+        const double z = kernel_residual(yp[o + d], bp[o + d], dr, lam, h, inv_s);
+        ss += z * z;
+      }
+      lo[r] = static_cast<weight_t>(static_cast<double>(lw[r]) + coef * (-0.5 * ss + log_norm));
+    }
+  });
+}
+
+at::Tensor kernel_logpdf_cpu(const at::Tensor& y_in, const at::Tensor& base_in,
+                             const std::optional<at::Tensor>& drift_in, double dt, double sigma,
+                             const at::Tensor& logw_in, double coef, double linear) {
+  TORCH_CHECK(y_in.dim() == 3, "kernel_logpdf: y must be (B, N, D), got ", y_in.sizes());
+  TORCH_CHECK(base_in.sizes() == y_in.sizes() && base_in.scalar_type() == y_in.scalar_type(),
+              "kernel_logpdf: base must match y in shape and dtype");
+  TORCH_CHECK(logw_in.dim() == 2 && logw_in.size(0) == y_in.size(0) &&
+                  logw_in.size(1) == y_in.size(1),
+              "kernel_logpdf: logw must be (B, N) matching y");
+  TORCH_CHECK(sigma > 0 && dt > 0, "kernel_logpdf: dt and sigma must be > 0");
+  const at::Tensor y = y_in.contiguous(), base = base_in.contiguous(), logw = logw_in.contiguous();
+  at::Tensor drift;
+  if (drift_in.has_value()) {
+    TORCH_CHECK(drift_in->sizes() == y.sizes() && drift_in->scalar_type() == y.scalar_type(),
+                "kernel_logpdf: drift must match y in shape and dtype");
+    drift = drift_in->contiguous();
+  }
+  at::Tensor out = at::empty_like(logw);
+  const at::Tensor* dp = drift.defined() ? &drift : nullptr;
+  const double s = sigma * std::sqrt(dt);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "pathsmc::kernel_logpdf", [&] {
+    if (logw.scalar_type() == at::kDouble) {
+      kernel_logpdf_rows<scalar_t, double>(y, base, dp, logw, out, dt, s, coef, linear);
+    } else {
+      TORCH_CHECK(logw.scalar_type() == at::kFloat, "kernel_logpdf: logw must be float32/64");
+      kernel_logpdf_rows<scalar_t, float>(y, base, dp, logw, out, dt, s, coef, linear);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pathsmc, CPU, m) {
+  m.impl("em_step", &em_step_cpu);
+  m.impl("kernel_logpdf", &kernel_logpdf_cpu);
+}
+
+}  // namespace pathsmc::cpu

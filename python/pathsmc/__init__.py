@@ -1,0 +1,29 @@
+"""pathsmc: fused kernels for path-space Sequential Monte Carlo and replica exchange.
+
+The ops live in :mod:`pathsmc.ops` (``torch.ops.pathsmc.*`` underneath) and their pure-PyTorch
+twins in :mod:`pathsmc.reference`.
+"""
+
+from pathsmc._build import build_info
+from pathsmc.ops import (
+    adaptive_resample,
+    em_step,
+    kernel_logpdf,
+    mala_accept,
+    normalize,
+    replica_swap,
+    resample,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "adaptive_resample",
+    "build_info",
+    "em_step",
+    "kernel_logpdf",
+    "mala_accept",
+    "normalize",
+    "replica_swap",
+    "resample",
+]
