@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "pathsmc/fastmath.h"
 #include "pathsmc/philox.h"
 #include "pathsmc/resampling.h"
 
@@ -60,61 +61,150 @@ Uniforms make_uniforms(const std::optional<at::Tensor>& uniforms, at::Tensor& ho
   return u;
 }
 
-// Ancestors of one live row into anc[0, M). `w` holds exp(l_j - max) (N entries) and is
-// overwritten with cumulative weights; `buf` is scratch of N doubles for residual.
-void resample_row(double* w, int64_t N, double total, int64_t M, Scheme scheme,
-                  const Uniforms& u, int64_t b, int64_t* anc, std::vector<double>& buf) {
-  int64_t last_live = 0;
-  const double inv_total = 1.0 / total;
-  for (int64_t j = 0; j < N; ++j) {
-    w[j] *= inv_total;
-    if (w[j] > 0) last_live = j;
-  }
-  if (scheme == Scheme::kSystematic || scheme == Scheme::kStratified) {
-    const bool sys = scheme == Scheme::kSystematic;
-    const double u0 = sys ? u.get(b, 0) : 0.0;
-    double c = 0.0;
-    int64_t i = 0;
-    for (int64_t j = 0; j < last_live && i < M; ++j) {
-      c += w[j];
-      while (i < M && sorted_position(i, sys ? u0 : u.get(b, i), M) < c) anc[i++] = j;
+constexpr int64_t kChunkN = 16384;  // fixed chunks: sums never depend on the thread count
+
+// One row's weights, computed chunk-parallel: w[j] = exp(l_j - max), prefix sums of the
+// chunk totals, the float64 total and sum of squares, and the last live particle.
+struct RowWeights {
+  double max = -INFINITY, total = 0.0, total_sq = 0.0;
+  int64_t last_live = -1;
+  std::vector<double> prefix;     // prefix[c] = sum of chunks before c; prefix[nc] = total
+  std::vector<int64_t> chunk_last;  // last live particle of each chunk, -1 if none
+
+  bool dead() const { return max == -INFINITY; }
+
+  template <typename weight_t>
+  void compute(const weight_t* row, int64_t N, double* w) {
+    const int64_t nc = (N + kChunkN - 1) / kChunkN;
+    std::vector<double> cmax(nc, -INFINITY), csum(nc), csq(nc);
+    chunk_last.assign(nc, -1);
+    at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double m = -INFINITY;
+        for (int64_t j = c * kChunkN; j < std::min(N, (c + 1) * kChunkN); ++j)
+          m = std::max(m, clean_logw(row[j]));
+        cmax[c] = m;
+      }
+    });
+    max = *std::max_element(cmax.begin(), cmax.end());
+    if (dead()) return;
+    at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j0 = c * kChunkN, j1 = std::min(N, j0 + kChunkN);
+        double s = 0.0, q = 0.0;
+        int64_t last = -1;
+#pragma omp simd reduction(+ : s, q) reduction(max : last)
+        for (int64_t j = j0; j < j1; ++j) {
+          const double e = exp_nonpos(static_cast<double>(row[j]) - max);  // NaN (dead) -> 0
+          w[j] = e;
+          s += e;
+          q += e * e;
+          last = std::max(last, e > 0 ? j : int64_t{-1});
+        }
+        csum[c] = s;
+        csq[c] = q;
+        chunk_last[c] = last;
+      }
+    });
+    prefix.assign(nc + 1, 0.0);
+    total_sq = 0.0;
+    for (int64_t c = 0; c < nc; ++c) {
+      prefix[c + 1] = prefix[c] + csum[c];
+      total_sq += csq[c];
+      last_live = std::max(last_live, chunk_last[c]);
     }
-    for (; i < M; ++i) anc[i] = last_live;  // the last live particle takes what rounding left
+    total = prefix[nc];
+  }
+};
+
+// #{i < M : position_i < target}, positions (i + u_i) nondecreasing, evaluated with the exact
+// comparison the merge uses, so that chunks computed in parallel tile [0, M) exactly.
+int64_t count_below(double target, int64_t M, bool systematic, const Uniforms& u, int64_t b) {
+  auto below = [&](int64_t i) {
+    return static_cast<double>(i) + (systematic ? u.get(b, 0) : u.get(b, i)) < target;
+  };
+  int64_t k = static_cast<int64_t>(std::clamp(std::floor(target), 0.0, static_cast<double>(M)));
+  while (k > 0 && !below(k - 1)) --k;
+  while (k < M && below(k)) ++k;
+  return k;
+}
+
+// Systematic / stratified ancestors of one live row: every chunk of particles owns the
+// positions between the counts at its prefix sums and merges them with its running sum.
+void merge_sorted_positions(const double* w, const RowWeights& rw, int64_t N, int64_t M,
+                            bool systematic, const Uniforms& u, int64_t b, int64_t* anc) {
+  const int64_t nc = static_cast<int64_t>(rw.chunk_last.size());
+  const int64_t c_last = rw.last_live / kChunkN;  // the chunk that absorbs rounding leftovers
+  const double scale = static_cast<double>(M) / rw.total;  // positions live in [0, M)
+  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      if (c > c_last) continue;
+      int64_t i = count_below(rw.prefix[c] * scale, M, systematic, u, b);
+      const int64_t i_end =
+          c == c_last ? M : count_below(rw.prefix[c + 1] * scale, M, systematic, u, b);
+      double cum = rw.prefix[c];
+      const double u0 = systematic ? u.get(b, 0) : 0.0;
+      for (int64_t j = c * kChunkN; j < std::min(N, (c + 1) * kChunkN) && i < i_end; ++j) {
+        cum += w[j];
+        const double target = cum * scale;
+        while (i < i_end &&
+               static_cast<double>(i) + (systematic ? u0 : u.get(b, i)) < target)
+          anc[i++] = j;
+      }
+      for (; i < i_end; ++i) anc[i] = rw.chunk_last[c];
+    }
+  });
+}
+
+// Ancestors of one live row into anc[0, M); w holds exp(l_j - max) and may be overwritten.
+void resample_row(double* w, const RowWeights& rw, int64_t N, int64_t M, Scheme scheme,
+                  const Uniforms& u, int64_t b, int64_t* anc) {
+  if (scheme == Scheme::kSystematic || scheme == Scheme::kStratified) {
+    merge_sorted_positions(w, rw, N, M, scheme == Scheme::kSystematic, u, b, anc);
     return;
   }
+  const double inv_total = 1.0 / rw.total;
   if (scheme == Scheme::kMultinomial) {
-    double c = 0.0;
-    for (int64_t j = 0; j < N; ++j) w[j] = (c += w[j]);
-    for (int64_t i = 0; i < M; ++i)
-      anc[i] = std::min(upper_bound(w, N, u.get(b, i)), last_live);
+    double c = 0.0;  // one sequential prefix: exactly monotone, so dead particles stay unpicked
+    for (int64_t j = 0; j < N; ++j) w[j] = (c += w[j]) * inv_total;
+    at::parallel_for(0, M, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        anc[i] = std::min(upper_bound(w, N, u.get(b, i)), rw.last_live);
+    });
     return;
   }
   // Residual: floor(M w_j) copies of j, then multinomial draws from the remainders.
   int64_t i = 0;
   double rc = 0.0;
   for (int64_t j = 0; j < N; ++j) {
-    const double mw = static_cast<double>(M) * w[j];
+    const double mw = static_cast<double>(M) * (w[j] * inv_total);
     const double fl = std::floor(mw);
     for (int64_t k = 0; k < static_cast<int64_t>(fl) && i < M; ++k) anc[i++] = j;
-    buf[j] = (rc += mw - fl);
+    w[j] = (rc += mw - fl);
   }
   const int64_t rest = M - i;
   if (rest <= 0) return;
   const double inv_rc = 1.0 / rc;
-  for (int64_t j = 0; j < N; ++j) buf[j] *= inv_rc;
+  for (int64_t j = 0; j < N; ++j) w[j] *= inv_rc;
   for (int64_t r = 0; r < rest; ++r)
-    anc[i + r] = std::min(upper_bound(buf.data(), N, u.get(b, r)), last_live);
+    anc[i + r] = std::min(upper_bound(w, N, u.get(b, r)), rw.last_live);
 }
 
-// exp(l_j - max) of one row into w; returns (max, sum); max = -inf for a dead row.
-template <typename weight_t>
-std::pair<double, double> row_exp(const weight_t* row, int64_t N, double* w) {
-  double m = -INFINITY;
-  for (int64_t j = 0; j < N; ++j) m = std::max(m, clean_logw(row[j]));
-  if (m == -INFINITY) return {m, 0.0};
-  double s = 0.0;
-  for (int64_t j = 0; j < N; ++j) s += (w[j] = std::exp(clean_logw(row[j]) - m));
-  return {m, s};
+// Rows in parallel when there are enough of them, else chunks of one row in parallel
+// (a nested at::parallel_for runs inline).
+template <typename F>
+void for_each_row(int64_t B, int64_t N, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 4 * kChunkN / std::max<int64_t>(N, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b);
+  });
+}
+
+// Per-thread scratch for the weights of a row (reused across calls: no page faults).
+double* row_scratch(int64_t N) {
+  thread_local std::vector<double> buf;
+  if (static_cast<int64_t>(buf.size()) < N) buf.resize(N);
+  return buf.data();
 }
 
 at::Tensor resample_cpu(const at::Tensor& logw_in, c10::string_view scheme_name,
@@ -132,17 +222,16 @@ at::Tensor resample_cpu(const at::Tensor& logw_in, c10::string_view scheme_name,
   int64_t* ap = anc.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "pathsmc::resample", [&] {
     const scalar_t* lw = logw.data_ptr<scalar_t>();
-    parallel_rows(B, 3 * N + M, [&](int64_t b0, int64_t b1) {
-      std::vector<double> w(N), buf(scheme == Scheme::kResidual ? N : 0);
-      for (int64_t b = b0; b < b1; ++b) {
-        int64_t* arow = ap + b * M;
-        const auto [m, s] = row_exp(lw + b * N, N, w.data());
-        if (m == -INFINITY) {  // dead row: keep the particles
-          for (int64_t i = 0; i < M; ++i) arow[i] = i % N;
-          continue;
-        }
-        resample_row(w.data(), N, s, M, scheme, u, b, arow, buf);
+    for_each_row(B, N, [&](int64_t b) {
+      int64_t* arow = ap + b * M;
+      double* w = row_scratch(N);
+      RowWeights rw;
+      rw.compute(lw + b * N, N, w);
+      if (rw.dead()) {  // dead row: keep the particles
+        for (int64_t i = 0; i < M; ++i) arow[i] = i % N;
+        return;
       }
+      resample_row(w, rw, N, M, scheme, u, b, arow);
     });
   });
   return anc;
@@ -198,29 +287,26 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
   AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "pathsmc::adaptive_resample", [&] {
     const scalar_t* lw = logw.data_ptr<scalar_t>();
     scalar_t* lo = logw_out.data_ptr<scalar_t>();
-    parallel_rows(B, 4 * N, [&](int64_t b0, int64_t b1) {
-      std::vector<double> w(N), buf(scheme == Scheme::kResidual ? N : 0);
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* row = lw + b * N;
-        int64_t* arow = ap + b * N;
-        const auto [m, s1] = row_exp(row, N, w.data());
-        bool go = false;
-        double log_mean = -INFINITY;
-        if (m != -INFINITY) {
-          double s2 = 0.0;
-          for (int64_t j = 0; j < N; ++j) s2 += w[j] * w[j];
-          const double ess = s1 * s1 / s2;
-          go = threshold >= 1.0 || ess < threshold * static_cast<double>(N);
-          log_mean = m + std::log(s1) - log_n;
-        }
-        mp[b] = go;
-        if (go) {
-          resample_row(w.data(), N, s1, N, scheme, u, b, arow, buf);
-          for (int64_t j = 0; j < N; ++j) lo[b * N + j] = static_cast<scalar_t>(log_mean);
-        } else {
-          for (int64_t j = 0; j < N; ++j) arow[j] = j;
-          std::copy(row, row + N, lo + b * N);
-        }
+    for_each_row(B, N, [&](int64_t b) {
+      const scalar_t* row = lw + b * N;
+      int64_t* arow = ap + b * N;
+      double* w = row_scratch(N);
+      RowWeights rw;
+      rw.compute(row, N, w);
+      bool go = false;
+      double log_mean = -INFINITY;
+      if (!rw.dead()) {
+        const double ess = rw.total * rw.total / rw.total_sq;
+        go = threshold >= 1.0 || ess < threshold * static_cast<double>(N);
+        log_mean = rw.max + std::log(rw.total) - log_n;
+      }
+      mp[b] = go;
+      if (go) {
+        resample_row(w, rw, N, N, scheme, u, b, arow);
+        std::fill(lo + b * N, lo + (b + 1) * N, static_cast<scalar_t>(log_mean));
+      } else {
+        for (int64_t j = 0; j < N; ++j) arow[j] = j;
+        std::copy(row, row + N, lo + b * N);
       }
     });
   });

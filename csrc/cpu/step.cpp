@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/common.h"
@@ -16,19 +18,39 @@ namespace {
 
 constexpr int64_t kChunk = 256;  // elements of noise generated at a time (multiple of 4)
 
-// Standard normals for flat elements [e0, e0 + len) of the stream (seed, offset).
+// Normals of Philox blocks [g0, g0 + nb) into out[0, 4·nb), in three simple loops (counters,
+// Box–Muller, interleave) that the compiler vectorizes.
+void normal_blocks_float(
+    uint64_t seed, uint64_t offset, int64_t g0, int64_t nb, float* __restrict out) {
+  constexpr int64_t kMax = kChunk / 4 + 1;
+  alignas(64) uint32_t w[4][kMax];
+  alignas(64) float z[4][kMax];
+  for (int64_t i = 0; i < nb; ++i) {
+    const Philox4 r = philox4x32_10(seed, static_cast<uint64_t>(g0 + i), offset);
+    w[0][i] = r.v[0]; w[1][i] = r.v[1]; w[2][i] = r.v[2]; w[3][i] = r.v[3];
+  }
+  for (int64_t i = 0; i < nb; ++i) {
+    box_muller(uniform_float_pos(w[0][i]), uniform_float(w[1][i]), z[0][i], z[1][i]);
+    box_muller(uniform_float_pos(w[2][i]), uniform_float(w[3][i]), z[2][i], z[3][i]);
+  }
+  for (int64_t i = 0; i < nb; ++i)
+    for (int k = 0; k < 4; ++k) out[4 * i + k] = z[k][i];
+}
+
+// Standard normals for flat elements [e0, e0 + len), len <= kChunk, of the stream
+// (seed, offset): element e is lane e % kPer of Philox block e / kPer.
 template <typename T>
 void fill_normals(uint64_t seed, uint64_t offset, int64_t e0, int64_t len, T* out) {
   constexpr int kPer = NormalBlock<T>::kPerCall;
-  T z[kPer];
-  int64_t e = e0;
-  const int64_t end = e0 + len;
-  while (e < end) {
-    const int64_t block = e / kPer;
-    NormalBlock<T>::draw(seed, offset, static_cast<uint64_t>(block), z);
-    const int64_t stop = std::min(end, (block + 1) * kPer);
-    for (; e < stop; ++e) out[e - e0] = z[e - block * kPer];
+  const int64_t g0 = e0 / kPer, g1 = (e0 + len + kPer - 1) / kPer;
+  alignas(64) T tmp[kChunk + 2 * kPer];
+  if constexpr (std::is_same_v<T, float>) {
+    normal_blocks_float(seed, offset, g0, g1 - g0, tmp);
+  } else {
+    for (int64_t g = g0; g < g1; ++g)
+      NormalBlock<T>::draw(seed, offset, static_cast<uint64_t>(g), tmp + (g - g0) * kPer);
   }
+  std::memcpy(out, tmp + (e0 - g0 * kPer), len * sizeof(T));
 }
 
 struct StepArgs {
@@ -82,10 +104,15 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
         scalar_t* xor_ = xo + base;
         for (int64_t d = 0; d < len; ++d) xor_[d] = xr[d] + ar[d] * h + s * eps[d];
         if (!weighted) continue;
-        for (int64_t d = 0; d < len; ++d) ss_prop += static_cast<double>(eps[d]) * eps[d];
+        // float64 sums over D; omp simd lets them vectorize (fixed lane order: deterministic)
+        double acc_prop = 0.0;
+#pragma omp simd reduction(+ : acc_prop)
+        for (int64_t d = 0; d < len; ++d) acc_prop += static_cast<double>(eps[d]) * eps[d];
+        ss_prop += acc_prop;
         for (int64_t k = 0; k < K; ++k) {
           const scalar_t* br = bp[k] + base;
           double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
           for (int64_t d = 0; d < len; ++d) {
             const scalar_t z = ref_residual<scalar_t>(ar[d], br[d], h_over_s, eps[d]);
             acc += static_cast<double>(z) * z;
@@ -93,10 +120,13 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
           ss_ref[k] += acc;
         }
         if (fwd) {
+          double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
           for (int64_t d = 0; d < len; ++d) {
             const scalar_t z = fwd_residual<scalar_t>(ar[d], xor_[d], lam, h_over_s, eps[d]);
-            ss_fwd += static_cast<double>(z) * z;
+            acc += static_cast<double>(z) * z;
           }
+          ss_fwd += acc;
         }
       }
       if (!weighted) continue;
@@ -175,6 +205,7 @@ void kernel_logpdf_rows(const at::Tensor& y, const at::Tensor& base, const at::T
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = r * D;
       double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
       for (int64_t d = 0; d < D; ++d) {
         const double dr = dp ? static_cast<double>(dp[o + d]) : 0.0;
         const double z = kernel_residual(yp[o + d], bp[o + d], dr, lam, h, inv_s);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "pathsmc/fastmath.h"
 #include "pathsmc/macros.h"
 
 namespace pathsmc {
@@ -33,7 +34,9 @@ PATHSMC_HD Philox4 philox4x32_10(uint64_t seed, uint64_t subsequence, uint64_t o
   uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
   uint32_t c2 = static_cast<uint32_t>(subsequence), c3 = static_cast<uint32_t>(subsequence >> 32);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, hi1;
     const uint32_t lo0 = mulhilo32(0xD2511F53u, c0, &hi0);
@@ -67,16 +70,13 @@ PATHSMC_HD double stream_uniform(uint64_t seed, uint64_t offset, uint64_t i) {
   return (i & 1) ? uniform_double(r.v[2], r.v[3]) : uniform_double(r.v[0], r.v[1]);
 }
 
-// Box–Muller: (u1 in (0,1], u2 in [0,1)) -> two independent standard normals.
+// Box–Muller: (u1 in (0,1], u2 in [0,1)) -> two independent standard normals. The float
+// version uses the polynomial log/sincos of fastmath.h: vectorizable on the CPU, identical
+// formulas on the GPU.
 PATHSMC_HD void box_muller(float u1, float u2, float& z0, float& z1) {
-  const float r = sqrtf(-2.0f * logf(u1));
-#if defined(__CUDA_ARCH__)
+  const float r = sqrtf(-2.0f * logf_poly(u1));
   float s, c;
-  sincospif(2.0f * u2, &s, &c);
-#else
-  const float a = 6.2831853071795864769f * u2;
-  const float s = sinf(a), c = cosf(a);
-#endif
+  sincos_2pi_f(u2, s, c);
   z0 = r * c;
   z1 = r * s;
 }
