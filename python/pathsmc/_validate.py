@@ -8,6 +8,8 @@ host sync inside the sampling loop.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 RESAMPLING_SCHEMES = ("systematic", "stratified", "multinomial", "residual")
@@ -86,10 +88,14 @@ def check_positive(v: float, name: str, *, allow_zero: bool = False) -> float:
 def states_to_bnd(x: torch.Tensor, name: str) -> torch.Tensor:
     """(N, D) -> (1, N, D); (B, N, *event) -> (B, N, prod(event)). A view when possible."""
     if x.dim() == 2:
-        return x.unsqueeze(0)
-    if x.dim() >= 3:
-        return x.reshape(x.shape[0], x.shape[1], -1)
-    raise ValueError(f"{name}: expected shape (N, D) or (B, N, *event), got {tuple(x.shape)}")
+        x3 = x.unsqueeze(0)
+    elif x.dim() >= 3:
+        x3 = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    else:
+        raise ValueError(f"{name}: expected shape (N, D) or (B, N, *event), got {tuple(x.shape)}")
+    if x3.shape[1] == 0:
+        raise ValueError(f"{name}: empty population (N = 0) in shape {tuple(x.shape)}")
+    return x3
 
 
 def logw_to_bn(logw: torch.Tensor, name: str = "logw") -> torch.Tensor:

@@ -194,9 +194,12 @@ def resample(
     draws the rest multinomially from the remainders using the first uniforms of each row.
     Systematic and stratified are O(N + M). Dead rows return ``arange(M) % N``.
     """
-    n = logw.shape[-1] if logw.dim() in (1, 2) else 0
+    check_tensor(logw, "logw", dtypes=FLOAT_DTYPES)
+    n = logw_to_bn(logw).shape[1]
+    if n == 0:
+        raise ValueError("logw: empty population (N = 0)")
     m = n if num_samples is None else int(num_samples)
-    if m <= 0 and logw.dim() in (1, 2):
+    if m <= 0:
         raise ValueError(f"num_samples: expected a positive count, got {num_samples}")
     lw, u = _check_resample_args(logw, scheme, m, uniforms)
     anc = _ops.resample(lw, scheme, m, u, generator)

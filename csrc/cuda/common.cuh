@@ -1,0 +1,51 @@
+// Helpers shared by the CUDA kernels: the Philox state from a torch.Generator (graph-safe),
+// launch sizes, and group (sub-warp) reductions with a fixed tree (deterministic).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/detail/UnpackRaw.cuh>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+
+namespace pathsmc::cuda {
+
+constexpr int kThreads = 256;
+
+// The generator's (seed, offset) as a PhiloxCudaState: inside CUDA-graph capture the offset is
+// read from device memory at replay time, so every replay draws fresh noise.
+inline at::PhiloxCudaState philox_state(const std::optional<at::Generator>& gen) {
+  auto* g = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      gen, at::cuda::detail::getDefaultCUDAGenerator());
+  std::lock_guard<std::mutex> lock(g->mutex_);
+  return g->philox_cuda_state(4);
+}
+
+__device__ __forceinline__ void unpack_philox(const at::PhiloxCudaState& s, uint64_t& seed,
+                                              uint64_t& offset) {
+  const auto t = at::cuda::philox::unpack(s);
+  seed = std::get<0>(t);
+  offset = std::get<1>(t);
+}
+
+inline unsigned int grid_for(int64_t work, int threads = kThreads) {
+  const int64_t blocks = (work + threads - 1) / threads;
+  return static_cast<unsigned int>(std::clamp<int64_t>(blocks, 1, int64_t{1} << 30));
+}
+
+// Sum over a group of G consecutive lanes (G a power of two <= 32); every lane gets the sum.
+template <int G, typename T>
+__device__ __forceinline__ T group_sum(T v) {
+#pragma unroll
+  for (int o = G / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o, G);
+  return v;
+}
+
+#define PATHSMC_CUDA_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
+
+}  // namespace pathsmc::cuda

@@ -1,0 +1,88 @@
+"""Shared fixtures and helpers for the op tests.
+
+``device`` runs a test on CPU and, when torch sees a GPU and the extension was built with
+CUDA kernels, on CUDA (the CUDA cases are skipped otherwise). Tolerances follow the dtype of
+the data being compared; float64 comparisons are tight (rtol 1e-10).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pathsmc
+import pytest
+import torch
+
+
+def _cuda_ok() -> bool:
+    return torch.cuda.is_available() and bool(pathsmc.build_info().get("cuda", False))
+
+
+CUDA_OK = _cuda_ok()
+requires_cuda = pytest.mark.skipif(
+    not CUDA_OK, reason="needs a GPU and pathsmc built with CUDA kernels"
+)
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+FLOATS = [torch.float32, torch.float64]
+SCHEMES = ["systematic", "stratified", "multinomial", "residual"]
+
+# (rtol, atol) for values computed in the given dtype.
+_TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def tol(*dtypes: torch.dtype) -> dict:
+    """rtol/atol for a result whose accuracy is limited by the coarsest of ``dtypes``."""
+    rtol = max(_TOL[d][0] for d in dtypes)
+    atol = max(_TOL[d][1] for d in dtypes)
+    return {"rtol": rtol, "atol": atol}
+
+
+def weight_tol(state_dtype: torch.dtype, logw_dtype: torch.dtype, d: int) -> dict:
+    """Tolerance for log-weights accumulated over D elements of ``state_dtype`` states.
+
+    float32 states carry ~1e-7 relative rounding in every residual (x' - mean) / s; each
+    Gaussian term adds |z|·δz per element, so the absolute error grows with D.
+    """
+    if state_dtype == torch.float64 and logw_dtype == torch.float64:
+        return {"rtol": 1e-10, "atol": 1e-10 * max(1, d)}
+    if state_dtype == torch.float64:  # float32 log-weights: one rounding of the result
+        return {"rtol": 2e-6, "atol": 1e-5}
+    return {"rtol": 2e-5, "atol": 5e-5 * max(1, d)}
+
+
+def assert_close(actual, expected, **kw) -> None:
+    kw.setdefault("equal_nan", True)
+    if "rtol" not in kw:
+        kw.update(tol(expected.dtype))
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    torch.testing.assert_close(actual, expected, check_device=True, **kw)
+
+
+def gen(device: str, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def rand_open(shape, g: torch.Generator, device: str = "cpu") -> torch.Tensor:
+    """float64 uniforms in [0, 1) drawn on CPU with ``g`` (a CPU generator), moved to device."""
+    return torch.rand(shape, dtype=torch.float64, generator=g).to(device)
+
+
+def mc_bound(n: int, var: float = 1.0, z: float = 5.0) -> float:
+    """z standard errors of a mean of n i.i.d. samples with variance ``var``."""
+    return z * math.sqrt(var / n)
