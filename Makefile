@@ -11,7 +11,11 @@ PIP    := $(VPY) -m pip install --disable-pip-version-check -q
 # Packages the build and the tests need; only installed when not importable (GPU hosts are offline).
 NEEDED := scikit_build_core pybind11 ninja pytest numpy matplotlib tqdm
 
-.PHONY: demo test build bench lint clean
+CUDA_VENV := .venv-cuda
+CUDA_VPY  := $(CUDA_VENV)/bin/python
+CUDA_ARCH ?= 9.0
+
+.PHONY: demo test build bench lint clean cuda-build
 
 demo: $(BUILT)
 	$(VENV)/bin/pathsmc demo
@@ -50,5 +54,24 @@ $(BUILT): $(DEPS) $(SRCS)
 	$(PIP) --no-build-isolation --no-deps -e .
 	@touch $@
 
+# CUDA variant on a machine without a GPU: build against the CUDA torch wheel on disk, import
+# it, and check that every op has a CUDA kernel registered (CI runs this after `make test`).
+cuda-build: $(CUDA_VENV)/.stamp-build
+	$(CUDA_VPY) tools/check_cuda_build.py
+
+$(CUDA_VENV)/.stamp-deps:
+	@test -x $(CUDA_VPY) || $(PYTHON) -m venv $(CUDA_VENV)
+	@$(CUDA_VPY) -c "import torch; assert torch.version.cuda" 2>/dev/null || \
+	  $(CUDA_VPY) -m pip install --disable-pip-version-check -q torch==2.14.1
+	@$(CUDA_VPY) -c "import scikit_build_core, pybind11, ninja, cmake, numpy" 2>/dev/null || \
+	  $(CUDA_VPY) -m pip install --disable-pip-version-check -q scikit-build-core pybind11 ninja "cmake>=4" numpy
+	@touch $@
+
+$(CUDA_VENV)/.stamp-build: $(CUDA_VENV)/.stamp-deps $(SRCS)
+	PATHSMC_CUDA=ON TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH)" $(CUDA_VPY) -m pip install \
+	  --disable-pip-version-check -q --no-build-isolation --no-deps \
+	  -C build-dir=build/cuda -C cmake.verbose=false .
+	@touch $@
+
 clean:
-	rm -rf build $(BUILT)
+	rm -rf build $(BUILT) $(CUDA_VENV)/.stamp-build
