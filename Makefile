@@ -70,7 +70,7 @@ $(CUDA_VENV)/.stamp-deps:
 $(CUDA_VENV)/.stamp-build: $(CUDA_VENV)/.stamp-deps $(SRCS)
 	PATHSMC_CUDA=ON TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH)" $(CUDA_VPY) -m pip install \
 	  --disable-pip-version-check -q --no-build-isolation --no-deps \
-	  -C build-dir=build/cuda -C cmake.verbose=false .
+	  -C build-dir=build/cuda .
 	@touch $@
 
 clean:

@@ -1,0 +1,283 @@
+// CUDA kernels of the step family: em_step and kernel_logpdf.
+//
+// A group of G lanes owns one row of D elements (G = 1 for tiny D, 4, or a full warp); lanes
+// walk the row in Philox blocks (4 float or 2 double normals each, drawn in registers), write
+// x' and keep float64 partial sums that a fixed shuffle tree reduces: no atomics, so the
+// result is deterministic. Same per-element math as the CPU (csrc/include/pathsmc).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cuda/common.cuh"
+#include "pathsmc/gaussian.h"
+#include "pathsmc/philox.h"
+
+namespace pathsmc::cuda {
+namespace {
+
+constexpr int kMaxRefs = 8;
+
+template <typename scalar_t>
+struct StepArgs {
+  const scalar_t* x;
+  const scalar_t* drift;
+  const scalar_t* refs[kMaxRefs];
+  double coefs[kMaxRefs];
+  int K;
+  const scalar_t* noise;  // nullptr: draw in-kernel
+  scalar_t* x_out;
+  int64_t rows, D;
+  double h, s, fwd_coef, fwd_linear, log_norm;
+};
+
+template <typename scalar_t, typename weight_t, int G>
+__global__ void __launch_bounds__(kThreads) em_step_kernel(const StepArgs<scalar_t> a,
+                                                           const weight_t* __restrict__ lw,
+                                                           weight_t* __restrict__ lwo,
+                                                           const at::PhiloxCudaState rng) {
+  using acc_t = at::opmath_type<scalar_t>;  // float for float/half/bfloat16, double for double
+  constexpr int kPer = NormalBlock<acc_t>::kPerCall;
+  uint64_t seed = 0, offset = 0;
+  if (a.noise == nullptr) unpack_philox(rng, seed, offset);
+  const bool weighted = lw != nullptr;
+  const acc_t h = static_cast<acc_t>(a.h), s = static_cast<acc_t>(a.s);
+  const acc_t h_over_s = static_cast<acc_t>(weighted ? a.h / a.s : 0.0);
+  const acc_t lam = static_cast<acc_t>(a.fwd_linear);
+  const bool fwd = a.fwd_coef != 0.0;
+  const int lane = threadIdx.x % G;
+  const int64_t rows_per_block = kThreads / G;
+  for (int64_t first = blockIdx.x * rows_per_block; first < a.rows;
+       first += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = first + threadIdx.x / G;
+    double ss_prop = 0.0, ss_fwd = 0.0, ss_ref[kMaxRefs];
+#pragma unroll
+    for (int k = 0; k < kMaxRefs; ++k) ss_ref[k] = 0.0;
+    if (row < a.rows) {
+      const int64_t e0 = row * a.D, e1 = e0 + a.D;
+      for (int64_t g = e0 / kPer + lane; g * kPer < e1; g += G) {
+        acc_t z[kPer];
+        if (a.noise == nullptr) NormalBlock<acc_t>::draw(seed, offset, static_cast<uint64_t>(g), z);
+#pragma unroll
+        for (int q = 0; q < kPer; ++q) {
+          const int64_t e = g * kPer + q;
+          if (e < e0 || e >= e1) continue;
+          const acc_t eps = a.noise ? static_cast<acc_t>(a.noise[e]) : z[q];
+          const acc_t dr = static_cast<acc_t>(a.drift[e]);
+          const scalar_t xn = static_cast<scalar_t>(static_cast<acc_t>(a.x[e]) + dr * h + s * eps);
+          a.x_out[e] = xn;
+          if (!weighted) continue;
+          ss_prop += static_cast<double>(eps) * eps;
+#pragma unroll
+          for (int k = 0; k < kMaxRefs; ++k) {
+            if (k >= a.K) break;
+            const acc_t zr =
+                ref_residual<acc_t>(dr, static_cast<acc_t>(a.refs[k][e]), h_over_s, eps);
+            ss_ref[k] += static_cast<double>(zr) * zr;
+          }
+          if (fwd) {
+            const acc_t zf = fwd_residual<acc_t>(dr, static_cast<acc_t>(xn), lam, h_over_s, eps);
+            ss_fwd += static_cast<double>(zf) * zf;
+          }
+        }
+      }
+    }
+    if (!weighted) continue;
+    ss_prop = group_sum<G>(ss_prop);
+    ss_fwd = group_sum<G>(ss_fwd);
+    double delta = 0.5 * ss_prop - 0.5 * a.fwd_coef * ss_fwd + a.log_norm;
+#pragma unroll
+    for (int k = 0; k < kMaxRefs; ++k) {
+      if (k >= a.K) break;
+      delta -= 0.5 * a.coefs[k] * group_sum<G>(ss_ref[k]);
+    }
+    if (row < a.rows && lane == 0)
+      lwo[row] = static_cast<weight_t>(static_cast<double>(lw[row]) + delta);
+  }
+}
+
+// Lanes per row: enough Philox blocks per lane to amortize, never more than a warp.
+inline int lanes_per_row(int64_t D) { return D <= 8 ? 1 : (D <= 128 ? 4 : 32); }
+
+template <typename scalar_t, typename weight_t>
+void launch_em_step(const StepArgs<scalar_t>& a, const weight_t* lw, weight_t* lwo,
+                    const at::PhiloxCudaState& rng) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int g = lanes_per_row(a.D);
+  const unsigned int grid = grid_for(a.rows * g);
+  if (g == 1) {
+    em_step_kernel<scalar_t, weight_t, 1><<<grid, kThreads, 0, stream>>>(a, lw, lwo, rng);
+  } else if (g == 4) {
+    em_step_kernel<scalar_t, weight_t, 4><<<grid, kThreads, 0, stream>>>(a, lw, lwo, rng);
+  } else {
+    em_step_kernel<scalar_t, weight_t, 32><<<grid, kThreads, 0, stream>>>(a, lw, lwo, rng);
+  }
+  PATHSMC_CUDA_CHECK_LAUNCH();
+}
+
+std::tuple<at::Tensor, at::Tensor> em_step_cuda(
+    const at::Tensor& x_in, const at::Tensor& drift_in, const std::optional<at::Tensor>& logw_in,
+    double dt, double sigma, at::TensorList ref_drifts, at::ArrayRef<double> ref_coefs,
+    double fwd_coef, double fwd_linear, const std::optional<at::Tensor>& noise_in,
+    const std::optional<at::Generator>& generator) {
+  TORCH_CHECK(x_in.dim() == 3, "em_step: x must be (B, N, D), got ", x_in.sizes());
+  TORCH_CHECK(drift_in.sizes() == x_in.sizes() && drift_in.scalar_type() == x_in.scalar_type(),
+              "em_step: drift must match x in shape and dtype");
+  TORCH_CHECK(ref_drifts.size() == ref_coefs.size(),
+              "em_step: ref_coefs must have one entry per ref_drifts tensor");
+  TORCH_CHECK(static_cast<int>(ref_drifts.size()) <= kMaxRefs, "em_step: at most ", kMaxRefs,
+              " ref_drifts on CUDA, got ", ref_drifts.size());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), drift = drift_in.contiguous();
+  std::vector<at::Tensor> refs;
+  for (const auto& r : ref_drifts) {
+    TORCH_CHECK(r.sizes() == x.sizes() && r.scalar_type() == x.scalar_type(),
+                "em_step: every ref_drifts tensor must match x in shape and dtype");
+    refs.push_back(r.contiguous());
+  }
+  at::Tensor noise;
+  if (noise_in.has_value()) {
+    TORCH_CHECK(noise_in->sizes() == x.sizes() && noise_in->scalar_type() == x.scalar_type(),
+                "em_step: noise must match x in shape and dtype");
+    noise = noise_in->contiguous();
+  }
+  at::Tensor x_out = at::empty_like(x);
+  at::Tensor logw, logw_out;
+  if (logw_in.has_value()) {
+    TORCH_CHECK(logw_in->dim() == 2 && logw_in->size(0) == x.size(0) &&
+                    logw_in->size(1) == x.size(1),
+                "em_step: logw must be (B, N) matching x, got ", logw_in->sizes());
+    TORCH_CHECK(sigma > 0, "em_step: sigma must be > 0 when logw is given");
+    logw = logw_in->contiguous();
+    logw_out = at::empty_like(logw);
+  } else {
+    logw_out = at::empty({0}, x.options().dtype(at::kDouble));
+  }
+  if (x.numel() == 0) return {x_out, logw_out};
+  const at::PhiloxCudaState rng = noise.defined() ? at::PhiloxCudaState() : philox_state(generator);
+  double coef_total = fwd_coef;
+  for (double c : ref_coefs) coef_total += c;
+  const double s = sigma * std::sqrt(dt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pathsmc::em_step", [&] {
+    StepArgs<scalar_t> a{};
+    a.x = x.data_ptr<scalar_t>();
+    a.drift = drift.data_ptr<scalar_t>();
+    a.K = static_cast<int>(refs.size());
+    for (int k = 0; k < a.K; ++k) {
+      a.refs[k] = refs[k].data_ptr<scalar_t>();
+      a.coefs[k] = ref_coefs[k];
+    }
+    a.noise = noise.defined() ? noise.data_ptr<scalar_t>() : nullptr;
+    a.x_out = x_out.data_ptr<scalar_t>();
+    a.rows = x.size(0) * x.size(1);
+    a.D = x.size(2);
+    a.h = dt;
+    a.s = s;
+    a.fwd_coef = fwd_coef;
+    a.fwd_linear = fwd_linear;
+    a.log_norm = logw.defined() ? gaussian_log_norm(a.D, s) * (coef_total - 1.0) : 0.0;
+    if (!logw.defined()) {
+      launch_em_step<scalar_t, double>(a, nullptr, nullptr, rng);
+    } else if (logw.scalar_type() == at::kDouble) {
+      launch_em_step<scalar_t, double>(a, logw.data_ptr<double>(), logw_out.data_ptr<double>(), rng);
+    } else {
+      TORCH_CHECK(logw.scalar_type() == at::kFloat, "em_step: logw must be float32 or float64");
+      launch_em_step<scalar_t, float>(a, logw.data_ptr<float>(), logw_out.data_ptr<float>(), rng);
+    }
+  });
+  return {x_out, logw_out};
+}
+
+template <typename scalar_t, typename weight_t, int G>
+__global__ void __launch_bounds__(kThreads) kernel_logpdf_kernel(
+    const scalar_t* __restrict__ y, const scalar_t* __restrict__ base,
+    const scalar_t* __restrict__ drift, const weight_t* __restrict__ lw,
+    weight_t* __restrict__ out, int64_t rows, int64_t D, double h, double inv_s, double coef,
+    double lam, double log_norm) {
+  const int lane = threadIdx.x % G;
+  const int64_t rows_per_block = kThreads / G;
+  for (int64_t first = blockIdx.x * rows_per_block; first < rows;
+       first += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = first + threadIdx.x / G;
+    double ss = 0.0;
+    if (row < rows) {
+      for (int64_t d = lane; d < D; d += G) {
+        const int64_t e = row * D + d;
+        const double dr = drift ? static_cast<double>(drift[e]) : 0.0;
+        const double z = kernel_residual(static_cast<double>(y[e]), static_cast<double>(base[e]),
+                                         dr, lam, h, inv_s);
+        ss += z * z;
+      }
+    }
+    ss = group_sum<G>(ss);
+    if (row < rows && lane == 0)
+      out[row] = static_cast<weight_t>(static_cast<double>(lw[row]) + coef * (-0.5 * ss + log_norm));
+  }
+}
+
+template <typename scalar_t, typename weight_t>
+void launch_kernel_logpdf(const at::Tensor& y, const at::Tensor& base, const at::Tensor& drift,
+                          const at::Tensor& logw, at::Tensor& out, double h, double s,
+                          double coef, double lam) {
+  const int64_t rows = y.size(0) * y.size(1), D = y.size(2);
+  const scalar_t* dp = drift.defined() ? drift.data_ptr<scalar_t>() : nullptr;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int g = lanes_per_row(D);
+  const unsigned int grid = grid_for(rows * g);
+#define PATHSMC_LAUNCH_KLP(G)                                                                 \
+  kernel_logpdf_kernel<scalar_t, weight_t, G><<<grid, kThreads, 0, stream>>>(                 \
+      y.data_ptr<scalar_t>(), base.data_ptr<scalar_t>(), dp, logw.data_ptr<weight_t>(),       \
+      out.data_ptr<weight_t>(), rows, D, h, 1.0 / s, coef, lam, gaussian_log_norm(D, s))
+  if (g == 1) {
+    PATHSMC_LAUNCH_KLP(1);
+  } else if (g == 4) {
+    PATHSMC_LAUNCH_KLP(4);
+  } else {
+    PATHSMC_LAUNCH_KLP(32);
+  }
+#undef PATHSMC_LAUNCH_KLP
+  PATHSMC_CUDA_CHECK_LAUNCH();
+}
+
+at::Tensor kernel_logpdf_cuda(const at::Tensor& y_in, const at::Tensor& base_in,
+                              const std::optional<at::Tensor>& drift_in, double dt, double sigma,
+                              const at::Tensor& logw_in, double coef, double linear) {
+  TORCH_CHECK(y_in.dim() == 3, "kernel_logpdf: y must be (B, N, D), got ", y_in.sizes());
+  TORCH_CHECK(base_in.sizes() == y_in.sizes() && base_in.scalar_type() == y_in.scalar_type(),
+              "kernel_logpdf: base must match y in shape and dtype");
+  TORCH_CHECK(logw_in.dim() == 2 && logw_in.size(0) == y_in.size(0) &&
+                  logw_in.size(1) == y_in.size(1),
+              "kernel_logpdf: logw must be (B, N) matching y");
+  TORCH_CHECK(sigma > 0 && dt > 0, "kernel_logpdf: dt and sigma must be > 0");
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const at::Tensor y = y_in.contiguous(), base = base_in.contiguous(), logw = logw_in.contiguous();
+  at::Tensor drift;
+  if (drift_in.has_value()) {
+    TORCH_CHECK(drift_in->sizes() == y.sizes() && drift_in->scalar_type() == y.scalar_type(),
+                "kernel_logpdf: drift must match y in shape and dtype");
+    drift = drift_in->contiguous();
+  }
+  at::Tensor out = at::empty_like(logw);
+  if (logw.numel() == 0) return out;
+  const double s = sigma * std::sqrt(dt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "pathsmc::kernel_logpdf", [&] {
+    if (logw.scalar_type() == at::kDouble) {
+      launch_kernel_logpdf<scalar_t, double>(y, base, drift, logw, out, dt, s, coef, linear);
+    } else {
+      TORCH_CHECK(logw.scalar_type() == at::kFloat, "kernel_logpdf: logw must be float32/64");
+      launch_kernel_logpdf<scalar_t, float>(y, base, drift, logw, out, dt, s, coef, linear);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pathsmc, CUDA, m) {
+  m.impl("em_step", &em_step_cuda);
+  m.impl("kernel_logpdf", &kernel_logpdf_cuda);
+}
+
+}  // namespace pathsmc::cuda
