@@ -29,7 +29,7 @@ bench: $(BUILT)
 	$(VPY) bench/run.py
 
 lint: $(DEPS)
-	$(VPY) -m ruff check python tests bench
+	$(VPY) -m ruff check python tests bench tools
 
 # A venv that reuses an importable torch (e.g. a GPU host's own CUDA torch), else the CPU wheel.
 $(DEPS):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 
-import pathsmc
 import pytest
 import torch
+
+import pathsmc
 
 
 def _cuda_ok() -> bool:

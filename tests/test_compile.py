@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
-import pathsmc
 import pytest
 import torch
 from conftest import SCHEMES, assert_close
+
+import pathsmc
 
 ops = torch.ops.pathsmc
 

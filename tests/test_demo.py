@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-import pathsmc.ops as ops
-import pathsmc.reference as reference
 import pytest
 import torch
+
+import pathsmc.ops as ops
+import pathsmc.reference as reference
 from pathsmc.cli import main
 from pathsmc.demo import DEFAULT_THETA, SMCResult, run_tilted_smc
 from pathsmc.targets import default_2d

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import re
 
-import pathsmc
 import pytest
 import torch
 from conftest import assert_close, requires_cuda
+
+import pathsmc
 from pathsmc import reference as ref
 
 NAN, INF = math.nan, math.inf

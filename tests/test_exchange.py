@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
-import pathsmc
 import pytest
 import torch
 from conftest import FLOATS, gen, mc_bound
+
+import pathsmc
 from pathsmc import reference as ref
 
 NAN, INF = math.nan, math.inf

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pathsmc
 import pytest
 import torch
 from conftest import (
@@ -16,6 +15,8 @@ from conftest import (
     tol,
     weight_tol,
 )
+
+import pathsmc
 from pathsmc import reference as ref
 
 # Input shapes of x: (N, D), N = 1, D = 1 with B > 1, (B, N, *event), a plain (B, N, D),

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from pathsmc.diffusion import ReverseEM, VESchedule, VPSchedule, time_grid
 from pathsmc.targets import DiffusedGaussianMixture, GaussianMixture, default_2d
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
-import pathsmc
 import pytest
 import torch
 from conftest import FLOATS, assert_close, tol
+
+import pathsmc
 from pathsmc import reference as ref
 
 INF = math.inf

@@ -14,8 +14,14 @@ import torch
 
 RESAMPLING_SCHEMES = ("systematic", "stratified", "multinomial", "residual")
 FLOAT_DTYPES = (torch.float32, torch.float64)
-# half-precision states come with the CUDA kernels (issue 3)
-STATE_DTYPES = (torch.float32, torch.float64)
+# float16/bfloat16 states (float32 arithmetic, float64 sums) have CUDA kernels only.
+CUDA_STATE_DTYPES = FLOAT_DTYPES + (torch.float16, torch.bfloat16)
+
+
+def state_dtypes(t: object) -> tuple[torch.dtype, ...]:
+    """dtypes accepted for states ``x`` on the tensor's device."""
+    on_cuda = isinstance(t, torch.Tensor) and t.device.type == "cuda"
+    return CUDA_STATE_DTYPES if on_cuda else FLOAT_DTYPES
 
 
 def uniforms_shape(scheme: str, b: int, m: int) -> tuple[int, ...]:

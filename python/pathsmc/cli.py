@@ -23,7 +23,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--particles", type=int, default=2048, help="particles per run")
     demo.add_argument("--steps", type=int, default=200, help="Euler–Maruyama steps")
-    demo.add_argument("--runs", type=int, default=5,
+    demo.add_argument("--runs", type=int, default=16,
                       help="independent runs (batched rows), for the spread of log Ẑ")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")

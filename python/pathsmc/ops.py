@@ -19,13 +19,13 @@ import torch
 import pathsmc._build  # noqa: F401  (loads the extension and registers torch.ops.pathsmc)
 from pathsmc._validate import (
     FLOAT_DTYPES,
-    STATE_DTYPES,
     check_no_posinf,
     check_positive,
     check_scheme,
     check_tensor,
     check_uniforms,
     logw_to_bn,
+    state_dtypes,
     states_to_bnd,
     uniforms_shape,
 )
@@ -92,7 +92,7 @@ def em_step(
         noise: explicit standard normals shaped like ``x`` (else drawn in-kernel).
         generator: torch.Generator seeding the in-kernel Philox stream.
     """
-    check_tensor(x, "x", dtypes=STATE_DTYPES)
+    check_tensor(x, "x", dtypes=state_dtypes(x))
     x3 = states_to_bnd(x, "x")
     b, n, _ = x3.shape
     d3 = _like_states(drift, "drift", x, x.shape)
@@ -133,7 +133,7 @@ def kernel_logpdf(
     For backward kernels whose drift is only known at the new point (MALA, learned backward
     drifts): one pass over ``y``, ``base`` and ``drift``, summing over D in float64.
     """
-    check_tensor(y, "y", dtypes=STATE_DTYPES)
+    check_tensor(y, "y", dtypes=state_dtypes(y))
     y3 = states_to_bnd(y, "y")
     b, n, _ = y3.shape
     base3 = _like_states(base, "base", y, y.shape)
@@ -264,7 +264,7 @@ def mala_accept(
     ``step`` is a float or a per-row tensor ``(B,)``.
     Returns ``(x_out, logp_out, grad_out, accepted (B, N) bool)``.
     """
-    check_tensor(x, "x", dtypes=STATE_DTYPES)
+    check_tensor(x, "x", dtypes=state_dtypes(x))
     x3 = states_to_bnd(x, "x")
     b, n, _ = x3.shape
     xp3 = _like_states(x_prop, "x_prop", x, x.shape)
