@@ -1,0 +1,154 @@
+"""GPU-only checks: CPU/CUDA agreement, half-precision states, CUDA-graph capture of an SMC step,
+and resampling at large N. Skipped without a GPU and a CUDA build of the extension."""
+
+import math
+
+import pytest
+import torch
+
+import pathsmc
+import pathsmc.reference as ref
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and pathsmc.build_info()["cuda"]),
+    reason="needs a GPU and the CUDA kernels",
+)
+
+
+def _inputs(b, n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, a, r, eps = (torch.randn(b, n, d, generator=g, dtype=dtype) for _ in range(4))
+    logw = torch.randn(b, n, generator=g, dtype=torch.float64)
+    return x, a, r, eps, logw
+
+
+@pytest.mark.parametrize("d", [1, 3, 64, 700])
+def test_em_step_cpu_and_cuda_agree(d):
+    x, a, r, eps, logw = _inputs(3, 257, d, torch.float64)
+    kw = dict(dt=0.01, sigma=0.8, ref_drifts=None, ref_coefs=None, fwd_coef=0.3, fwd_linear=-0.5)
+    cpu = pathsmc.em_step(x, a, logw, noise=eps, **{**kw, "ref_drifts": [r], "ref_coefs": [0.7]})
+    gpu = pathsmc.em_step(x.cuda(), a.cuda(), logw.cuda(), noise=eps.cuda(),
+                          **{**kw, "ref_drifts": [r.cuda()], "ref_coefs": [0.7]})
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_states_em_step(dtype):
+    x, a, r, eps, logw = _inputs(2, 512, 16, torch.float32)
+    xh, ah, rh, eh = (t.to(dtype).cuda() for t in (x, a, r, eps))
+    out = pathsmc.em_step(xh, ah, logw.cuda(), dt=0.01, sigma=1.0, ref_drifts=[rh],
+                          ref_coefs=[1.0], noise=eh)
+    want = ref.em_step(*(t.float() for t in (xh, ah)), logw.cuda(), dt=0.01, sigma=1.0,
+                       ref_drifts=[rh.float()], ref_coefs=[1.0], noise=eh.float())
+    assert out[0].dtype == dtype
+    torch.testing.assert_close(out[0].float(), want[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out[1], want[1], rtol=1e-3, atol=1e-1)
+
+
+def test_internal_noise_is_standard_normal_on_cuda():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.zeros(4, 1 << 16, 8, device="cuda")
+    z = pathsmc.em_step(x, x, dt=1.0, sigma=1.0, generator=g)[0].double()
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
+    z2 = pathsmc.em_step(x, x, dt=1.0, sigma=1.0, generator=g)[0].double()
+    assert not torch.equal(z, z2)
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "stratified", "multinomial", "residual"])
+def test_resample_matches_reference_on_cuda(scheme):
+    g = torch.Generator().manual_seed(1)
+    b, n, m = 3, 70000, 50001
+    logw = 3 * torch.randn(b, n, generator=g, dtype=torch.float64)
+    logw[1, ::3] = float("nan")
+    logw[2] = float("nan")
+    shape = (b,) if scheme == "systematic" else (b, m)
+    u = torch.rand(shape, generator=g, dtype=torch.float64)
+    want = ref.resample(logw, scheme, m, u)
+    got = pathsmc.resample(logw.cuda(), scheme, m, u.cuda()).cpu()
+    assert (got != want).sum().item() <= 2  # only positions within an ulp of a boundary
+
+
+@pytest.mark.parametrize("log2n", [24, 26])
+def test_systematic_counts_at_large_n(log2n):
+    n = 1 << log2n
+    g = torch.Generator(device="cuda").manual_seed(2)
+    logw = torch.randn(1, n, device="cuda", dtype=torch.float64, generator=g)
+    anc = pathsmc.resample(logw, "systematic", generator=g)
+    counts = torch.bincount(anc[0], minlength=n).double()
+    w = torch.softmax(logw[0], 0)
+    assert ((counts - n * w).abs() < 1 + 1e-6).all()
+    assert (anc[0][1:] >= anc[0][:-1]).all()
+
+
+def test_adaptive_resample_matches_reference_on_cuda():
+    g = torch.Generator().manual_seed(3)
+    b, n = 8, 5000
+    logw = torch.randn(b, n, generator=g, dtype=torch.float64) * torch.linspace(0, 4, b)[:, None]
+    states = [torch.randn(b, n, 3, generator=g), torch.arange(b * n).reshape(b, n),
+              torch.rand(b, n, 2, 2, generator=g) > 0.5]
+    u = torch.rand(b, generator=g, dtype=torch.float64)
+    want = ref.adaptive_resample(states, logw, 0.5, "systematic", u)
+    got = pathsmc.adaptive_resample([s.cuda() for s in states], logw.cuda(), 0.5, "systematic",
+                                    u.cuda())
+    for s_got, s_want in zip(got[0], want[0], strict=True):
+        assert torch.equal(s_got.cpu(), s_want)
+    torch.testing.assert_close(got[1].cpu(), want[1])
+    assert torch.equal(got[2].cpu(), want[2]) and torch.equal(got[3].cpu(), want[3])
+
+
+def test_mala_and_replica_swap_match_reference_on_cuda():
+    g = torch.Generator().manual_seed(4)
+    x, xp, gr, gp = (torch.randn(2, 300, 40, generator=g, dtype=torch.float64) for _ in range(4))
+    lp, lpp, u = (torch.randn(2, 300, generator=g, dtype=torch.float64) for _ in range(3))
+    u = u.abs().clamp(max=0.999)
+    want = ref.mala_accept(x, xp, lp, lpp, gr, gp, 0.1, u)
+    got = pathsmc.mala_accept(*(t.cuda() for t in (x, xp, lp, lpp, gr, gp)), 0.1, u.cuda())
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.cpu(), b)
+    states = [torch.randn(5, 7, 3, generator=g), torch.arange(35).reshape(5, 7)]
+    lr = torch.randn(4, 7, generator=g)
+    u = torch.rand(4, 7, generator=g)
+    for parity in (0, 1):
+        want = ref.replica_swap(states, lr, parity, u)
+        got = pathsmc.replica_swap([s.cuda() for s in states], lr.cuda(), parity, u.cuda())
+        for s_got, s_want in zip(got[0], want[0], strict=True):
+            assert torch.equal(s_got.cpu(), s_want)
+        assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])
+
+
+def test_cuda_graph_replays_an_smc_step_with_fresh_noise():
+    """em_step -> potential -> adaptive_resample captured once; replays equal the eager run."""
+    b, n, d, steps = 4, 4096, 2, 5
+
+    def step(x, logw, gen):
+        x_new, logw = pathsmc.em_step(x, -x, logw, dt=0.05, sigma=1.0, ref_drifts=[-0.5 * x],
+                                      ref_coefs=[1.0], generator=gen)
+        logw = logw - 0.1 * (x_new.double() ** 2).sum(-1)
+        (x_new,), logw, _, _ = pathsmc.adaptive_resample([x_new], logw, 0.5, generator=gen)
+        return x_new, logw
+
+    x0 = torch.randn(b, n, d, device="cuda")
+    lw0 = torch.zeros(b, n, device="cuda", dtype=torch.float64)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x, lw, eager = x0.clone(), lw0.clone(), []
+    for _ in range(steps):
+        x, lw = step(x, lw, gen)
+        eager.append((x.clone(), lw.clone()))
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    static_x, static_lw = x0.clone(), lw0.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(gen)
+    with torch.cuda.graph(graph):
+        out_x, out_lw = step(static_x, static_lw, gen)
+    for k in range(steps):
+        graph.replay()
+        torch.testing.assert_close(out_x, eager[k][0])
+        torch.testing.assert_close(out_lw, eager[k][1])
+        static_x.copy_(out_x)
+        static_lw.copy_(out_lw)
