@@ -81,12 +81,16 @@ struct RowWeights {
     at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double m = -INFINITY;
-        for (int64_t j = c * kChunkN; j < std::min(N, (c + 1) * kChunkN); ++j)
-          m = std::max(m, clean_logw(row[j]));
+#pragma omp simd reduction(max : m)
+        for (int64_t j = c * kChunkN; j < std::min(N, (c + 1) * kChunkN); ++j) {
+          const double v = static_cast<double>(row[j]);
+          m = v > m ? v : m;  // NaN (dead) never wins
+        }
         cmax[c] = m;
       }
     });
     max = *std::max_element(cmax.begin(), cmax.end());
+    TORCH_CHECK_VALUE(max != INFINITY, "logw: contains +inf; log-weights must be finite, -inf or NaN");
     if (dead()) return;
     at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -129,29 +133,72 @@ int64_t count_below(double target, int64_t M, bool systematic, const Uniforms& u
   return k;
 }
 
+// #{i < M : i + u < target} for systematic positions, without a loop over i.
+inline int64_t count_below_systematic(double target, double u, int64_t M) {
+  int64_t k = static_cast<int64_t>(std::clamp(std::ceil(target - u), 0.0, static_cast<double>(M)));
+  // ceil(target - u) can be off by one in floating point; match the exact comparison
+  k -= (k > 0 && static_cast<double>(k - 1) + u >= target);
+  k += (k < M && static_cast<double>(k) + u < target);
+  return k;
+}
+
 // Systematic / stratified ancestors of one live row: every chunk of particles owns the
-// positions between the counts at its prefix sums and merges them with its running sum.
-void merge_sorted_positions(const double* w, const RowWeights& rw, int64_t N, int64_t M,
+// positions between the counts at its prefix sums. Systematic writes each particle's index at
+// the start of its interval and fills the rest by a running max (no data-dependent branches);
+// stratified, whose positions need their own uniforms, merges positions and weights.
+void merge_sorted_positions(double* w, const RowWeights& rw, int64_t N, int64_t M,
                             bool systematic, const Uniforms& u, int64_t b, int64_t* anc) {
   const int64_t nc = static_cast<int64_t>(rw.chunk_last.size());
   const int64_t c_last = rw.last_live / kChunkN;  // the chunk that absorbs rounding leftovers
   const double scale = static_cast<double>(M) / rw.total;  // positions live in [0, M)
+  const double u0 = systematic ? u.get(b, 0) : 0.0;
+  auto count = [&](double target) {
+    return systematic ? count_below_systematic(target, u0, M)
+                      : count_below(target, M, false, u, b);
+  };
   at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       if (c > c_last) continue;
-      int64_t i = count_below(rw.prefix[c] * scale, M, systematic, u, b);
-      const int64_t i_end =
-          c == c_last ? M : count_below(rw.prefix[c + 1] * scale, M, systematic, u, b);
+      const int64_t i0 = count(rw.prefix[c] * scale);
+      const int64_t i1 = c == c_last ? M : count(rw.prefix[c + 1] * scale);
+      if (i0 >= i1) continue;
+      const int64_t j0 = c * kChunkN, j_end = std::min(N, (c + 1) * kChunkN);
       double cum = rw.prefix[c];
-      const double u0 = systematic ? u.get(b, 0) : 0.0;
-      for (int64_t j = c * kChunkN; j < std::min(N, (c + 1) * kChunkN) && i < i_end; ++j) {
+      if (systematic) {
+        // Three simple loops instead of one branchy merge: (1) the running sum, scaled to
+        // positions, (2) each particle's interval end #{i : i + u < C_j·M/S} (vectorized,
+        // in doubles: exact for M < 2^53), (3) each particle's index at its interval start;
+        // then a running max fills the intervals. w is overwritten (not needed afterwards).
+        double* t = w;
+        for (int64_t j = j0; j < j_end; ++j) t[j] = (cum += w[j]) * scale;
+        const double md = static_cast<double>(M);
+#pragma omp simd
+        for (int64_t j = j0; j < j_end; ++j) {
+          const double target = t[j];
+          double k = std::min(std::max(std::ceil(target - u0), 0.0), md);
+          k = (k > 0.0 && (k - 1.0) + u0 >= target) ? k - 1.0 : k;  // ceil's rounding, both ways
+          k = (k < md && k + u0 < target) ? k + 1.0 : k;
+          t[j] = k;
+        }
+        std::fill(anc + i0, anc + i1, int64_t{-1});
+        int64_t start = i0;  // start of particle j's interval
+        for (int64_t j = j0; j < j_end && start < i1; ++j) {
+          anc[start] = j;  // a later particle with the same start overwrites: it owns it
+          start = std::min(static_cast<int64_t>(t[j]), i1);
+        }
+        int64_t cur = anc[i0];
+        for (int64_t i = i0; i < i1; ++i) anc[i] = cur = std::max(cur, anc[i]);
+        // rounding leftovers at the end of the chunk belong to its last live particle
+        for (int64_t i = start; i < i1; ++i) anc[i] = rw.chunk_last[c];
+        continue;
+      }
+      int64_t i = i0;
+      for (int64_t j = j0; j < j_end && i < i1; ++j) {
         cum += w[j];
         const double target = cum * scale;
-        while (i < i_end &&
-               static_cast<double>(i) + (systematic ? u0 : u.get(b, i)) < target)
-          anc[i++] = j;
+        while (i < i1 && static_cast<double>(i) + u.get(b, i) < target) anc[i++] = j;
       }
-      for (; i < i_end; ++i) anc[i] = rw.chunk_last[c];
+      for (; i < i1; ++i) anc[i] = rw.chunk_last[c];
     }
   });
 }

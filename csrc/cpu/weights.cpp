@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "cpu/common.h"
+#include "pathsmc/fastmath.h"
 
 namespace pathsmc::cpu {
 namespace {
@@ -24,7 +25,13 @@ void normalize_rows(const at::Tensor& logw, at::Tensor& lwn, at::Tensor& log_mea
       const weight_t* row = lw + b * N;
       weight_t* orow = out + b * N;
       double m = -INFINITY;
-      for (int64_t j = 0; j < N; ++j) m = std::max(m, clean_logw(row[j]));
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < N; ++j) {
+        const double v = static_cast<double>(row[j]);
+        m = v > m ? v : m;  // NaN (dead) never wins
+      }
+      TORCH_CHECK_VALUE(m != INFINITY,
+                        "logw: contains +inf; log-weights must be finite, -inf or NaN");
       if (m == -INFINITY) {  // every particle dead: ESS 0, log Ẑ increment -inf
         for (int64_t j = 0; j < N; ++j) orow[j] = -INFINITY;
         lm[b] = -INFINITY;
@@ -32,13 +39,18 @@ void normalize_rows(const at::Tensor& logw, at::Tensor& lwn, at::Tensor& log_mea
         continue;
       }
       double s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+ : s1, s2)
       for (int64_t j = 0; j < N; ++j) {
-        const double e = std::exp(clean_logw(row[j]) - m);
+        const double e = exp_nonpos(static_cast<double>(row[j]) - m);  // NaN -> 0
         s1 += e;
         s2 += e * e;
       }
       const double lse = m + std::log(s1);
-      for (int64_t j = 0; j < N; ++j) orow[j] = static_cast<weight_t>(clean_logw(row[j]) - lse);
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) {
+        const double v = static_cast<double>(row[j]);
+        orow[j] = static_cast<weight_t>(v != v ? -INFINITY : v - lse);
+      }
       lm[b] = static_cast<weight_t>(lse - log_n);
       es[b] = static_cast<weight_t>(s1 * s1 / s2);
     }

@@ -155,8 +155,7 @@ def normalize(logw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     lw = logw_to_bn(logw)
     if lw.shape[1] == 0:
         raise ValueError("logw: empty population (N = 0)")
-    check_no_posinf(lw, "logw")
-    lwn, log_mean, ess = _ops.normalize(lw)
+    lwn, log_mean, ess = _ops.normalize(lw)  # the CPU kernel rejects +inf itself
     if logw.dim() == 1:
         return lwn[0], log_mean[0], ess[0]
     return lwn, log_mean, ess
@@ -169,7 +168,6 @@ def _check_resample_args(logw, scheme, m, uniforms, name="logw"):
     b, n = lw.shape
     if n == 0:
         raise ValueError(f"{name}: empty population (N = 0)")
-    check_no_posinf(lw, name)
     u = None
     if uniforms is not None:
         shape = uniforms_shape(scheme, b, m)
