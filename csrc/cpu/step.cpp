@@ -86,7 +86,17 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
   parallel_rows(rows, D * (2 + K), [&](int64_t r0, int64_t r1) {
     std::vector<scalar_t> eps_buf(np ? 0 : kChunk);
     std::vector<double> ss_ref(K);
+    // Small rows draw their noise together, kChunk elements at a time (the draw vectorizes
+    // over elements, not rows); a row longer than kChunk draws its own chunks.
+    const int64_t group = (np || D >= kChunk) ? 1 : kChunk / D;
+    int64_t group_start = r0, group_end = r0;
     for (int64_t r = r0; r < r1; ++r) {
+      if (group > 1 && r == group_end) {
+        group_start = r;
+        group_end = std::min(r1, r + group);
+        fill_normals<scalar_t>(args.seed, args.offset, r * D, (group_end - r) * D,
+                               eps_buf.data());
+      }
       double ss_prop = 0.0, ss_fwd = 0.0;
       std::fill(ss_ref.begin(), ss_ref.end(), 0.0);
       for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
@@ -95,6 +105,8 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
         const scalar_t* eps;
         if (np) {
           eps = np + base;
+        } else if (group > 1) {
+          eps = eps_buf.data() + (r - group_start) * D;
         } else {
           fill_normals<scalar_t>(args.seed, args.offset, base, len, eps_buf.data());
           eps = eps_buf.data();
