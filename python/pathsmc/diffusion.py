@@ -20,16 +20,40 @@ return these numbers as a :class:`ReverseEM`.
 
 All methods take ``t`` as a Python float (and return floats) or as a tensor (and return tensors
 of the same shape).
+
+Steering pretrained models (DESIGN.md, "The step weight"):
+
+- :class:`DiffusionModel` wraps a user callable returning the score, the ε-prediction or the
+  x0-prediction (:func:`convert_prediction` converts between them) and gives Tweedie's
+  denoised mean :meth:`DiffusionModel.denoise`;
+- :func:`steer` runs SMC along the reverse chain, one :func:`pathsmc.ops.em_step` per step
+  (proposal and path-RND weight) plus the mode's potential, with :func:`pathsmc.smc.smc`
+  resampling: reward tilting with FK potentials (:func:`fk_potential`), tempering p^β,
+  products of models / classifier-free guidance, twisted (soft-value) guidance, and
+  uncorrected guidance as a baseline.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-__all__ = ["ReverseEM", "VPSchedule", "VESchedule", "time_grid"]
+if TYPE_CHECKING:
+    from pathsmc.smc import SMCResult
+
+__all__ = [
+    "DiffusionModel",
+    "ReverseEM",
+    "VPSchedule",
+    "VESchedule",
+    "convert_prediction",
+    "steer",
+    "time_grid",
+]
 
 Time = float | torch.Tensor
 
@@ -206,3 +230,592 @@ def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> list[floa
     if steps < 1:
         raise ValueError(f"steps: expected a positive integer, got {steps}")
     return [t_start + (t_end - t_start) * i / steps for i in range(steps + 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: score, ε- or x0-prediction, and the Tweedie denoised mean
+# ---------------------------------------------------------------------------------------------
+
+Schedule = VPSchedule | VESchedule
+PREDICTIONS = ("score", "eps", "x0")
+
+
+def convert_prediction(
+    pred: torch.Tensor, x: torch.Tensor, t: float, schedule: Schedule, source: str, target: str
+) -> torch.Tensor:
+    """Convert a model output at ``(x, t)`` between the ``score``, ``eps`` and ``x0``
+    parameterizations.
+
+    With ``X_t = m X_0 + √v ε`` (``(m, v) = schedule.marginal(t)``):
+    ``score = −ε / √v = (m x0 − x) / v`` and ``x0 = (x + v score) / m = (x − √v ε) / m``
+    (Tweedie's formula for the denoised mean). Conversions that divide by ``v`` are undefined
+    at ``v = 0`` (t = 0) and raise; the conversions to ``x0`` are defined there (x0 = x).
+    """
+    for name, val in (("source", source), ("target", target)):
+        if val not in PREDICTIONS:
+            raise ValueError(f"{name}: expected one of {PREDICTIONS}, got {val!r}")
+    if source == target:
+        return pred
+    m, v = (float(a) for a in schedule.marginal(float(t)))
+    if target == "x0":
+        if source == "score":
+            return (x + v * pred) / m
+        return (x - math.sqrt(v) * pred) / m
+    if source == "score":  # target eps
+        return -math.sqrt(v) * pred
+    if v <= 0.0:
+        raise ValueError(f"convert_prediction: {source} -> {target} divides by the noise "
+                         f"variance, which is 0 at t = {t}")
+    if source == "eps":  # target score
+        return pred * (-1.0 / math.sqrt(v))
+    if target == "score":  # source x0
+        return (m * pred - x) / v
+    return (x - m * pred) / math.sqrt(v)  # x0 -> eps
+
+
+class DiffusionModel:
+    """A pretrained diffusion model given as a callable, with its schedule.
+
+    Args:
+        fn: ``fn(x, t)`` — or ``fn(x, t, condition)`` when ``condition`` is given — returning
+            the model's prediction at the states ``x`` (``(B, N, D)``: N particles for each of
+            B problems) and diffusion time ``t`` (a Python float), shaped like ``x``.
+        schedule: the noise schedule the model was trained with (:class:`VPSchedule` or
+            :class:`VESchedule`).
+        prediction: what ``fn`` returns: ``"score"`` (∇log p_t), ``"eps"`` (the noise ε) or
+            ``"x0"`` (the denoised mean E[X_0 | X_t = x]).
+        condition: an optional extra argument for ``fn`` (a class label, a prompt embedding,
+            ...); for B problems with their own conditions make it ``(B, ...)`` and broadcast
+            inside ``fn``.
+        log_prob: optional ``log_prob(x, t)`` (or ``log_prob(x, t, condition)``) returning the
+            exact ``log p_t(x)`` ``(B, N)`` of the model's marginal — known for test targets;
+            :func:`steer` uses it for the initial weight and for ``weighting="density"``.
+        dim: the event size D (lets :func:`steer` infer it).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        schedule: Schedule,
+        prediction: str = "score",
+        *,
+        condition: Any = None,
+        log_prob: Callable[..., torch.Tensor] | None = None,
+        dim: int | None = None,
+    ) -> None:
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.schedule = schedule
+        self.prediction = prediction
+        self.condition = condition
+        self._log_prob = log_prob
+        self.dim = dim
+
+    def __repr__(self) -> str:
+        return (f"DiffusionModel(prediction={self.prediction!r}, schedule={self.schedule!r}, "
+                f"conditional={self.condition is not None}, "
+                f"log_prob={self._log_prob is not None})")
+
+    def with_condition(self, condition: Any) -> DiffusionModel:
+        """The same model with another condition (e.g. the null condition of CFG)."""
+        return DiffusionModel(self.fn, self.schedule, self.prediction, condition=condition,
+                              log_prob=self._log_prob, dim=self.dim)
+
+    def _call(self, f: Callable[..., torch.Tensor], x: torch.Tensor, t: float) -> torch.Tensor:
+        if self.condition is None:
+            return f(x, float(t))
+        return f(x, float(t), self.condition)
+
+    def predict(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The raw output of ``fn`` at ``(x, t)``."""
+        return self._call(self.fn, x, t)
+
+    def score(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """∇_x log p_t(x)."""
+        return convert_prediction(self.predict(x, t), x, t, self.schedule, self.prediction,
+                                  "score")
+
+    def eps(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The ε-prediction ``−√v(t) · score``."""
+        return convert_prediction(self.predict(x, t), x, t, self.schedule, self.prediction,
+                                  "eps")
+
+    def denoise(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Tweedie's denoised mean ``E[X_0 | X_t = x] = (x + v score) / m`` (x at t = 0)."""
+        return convert_prediction(self.predict(x, t), x, t, self.schedule, self.prediction,
+                                  "x0")
+
+    def score_and_denoised(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(score, denoised mean)`` from one call of ``fn``."""
+        pred = self.predict(x, t)
+        return (convert_prediction(pred, x, t, self.schedule, self.prediction, "score"),
+                convert_prediction(pred, x, t, self.schedule, self.prediction, "x0"))
+
+    @property
+    def has_log_prob(self) -> bool:
+        """Whether the exact marginal log-density was given."""
+        return self._log_prob is not None
+
+    def log_prob(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The exact ``log p_t(x)`` ``(B, N)`` (only when given at construction)."""
+        if self._log_prob is None:
+            raise ValueError("log_prob: this DiffusionModel was built without log_prob")
+        return self._call(self._log_prob, x, t)
+
+    @classmethod
+    def from_mixture(cls, mixture: Any, schedule: Schedule,
+                     prediction: str = "score") -> DiffusionModel:
+        """The exact model of a :class:`~pathsmc.targets.GaussianMixture` data distribution:
+        ``fn`` returns its diffused score (or ε / x0 prediction) and ``log_prob`` its
+        diffused log-density, both exact at every t (outputs are float64)."""
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
+        cache: dict[float, Any] = {}
+
+        def diffused(t: float):
+            dg = cache.get(t)
+            if dg is None:
+                if len(cache) > 4096:
+                    cache.clear()
+                dg = cache[t] = mixture.diffused(schedule, t)
+            return dg
+
+        def fn(x: torch.Tensor, t: float) -> torch.Tensor:
+            dg = diffused(t)
+            if prediction == "x0":
+                return dg.posterior_mean(x)
+            s = dg.score(x)
+            return s if prediction == "score" else convert_prediction(
+                s, x.double(), t, schedule, "score", prediction)
+
+        def log_prob(x: torch.Tensor, t: float) -> torch.Tensor:
+            return diffused(t).log_prob(x)
+
+        return cls(fn, schedule, prediction, log_prob=log_prob, dim=mixture.dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# FK potentials (reward tilting)
+# ---------------------------------------------------------------------------------------------
+
+POTENTIALS = ("difference", "max", "sum")
+
+
+def fk_potential(
+    kind: str, r_new: torch.Tensor, carry: tuple[torch.Tensor, ...] | None, final: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Log-potential of one FK-steering step and the carried state (per particle).
+
+    ``r_new`` is the intermediate reward at the new state (``r(x̂_0)``, the reward at the
+    denoised mean, or ``r(x)`` at the last step); ``carry`` is None at the start.
+
+    - ``difference``: ``r_new − r_prev`` (carry ``(r,)``); the increments telescope to
+      ``r(x_0)``: the target is exactly the tilted ``p_0(x) exp(r(x)) / Z``.
+    - ``max``: ``max_{s ≥ t} r_s`` (running maximum), carry ``(max, accumulated)``;
+    - ``sum``: ``Σ_{s ≥ t} r_s`` (running sum), carry ``(sum, accumulated)``.
+
+    For ``max`` and ``sum`` the last increment is ``r(x_0) − (sum of the earlier
+    increments)``, so every path's potentials multiply to ``exp(r(x_0))`` and the three
+    variants target the same tilted distribution with the same Z (they differ only in how
+    they resample on the way).
+    """
+    if carry is None:  # the initial potential
+        if kind == "difference":
+            return r_new, (r_new,)
+        return r_new, (r_new, r_new)
+    if kind == "difference":
+        return r_new - carry[0], (r_new,)
+    level, acc = carry
+    if final:
+        return r_new - acc, (r_new, acc)
+    level = torch.maximum(level, r_new) if kind == "max" else level + r_new
+    return level, (level, acc + level)
+
+
+# ---------------------------------------------------------------------------------------------
+# steer(): the SMC drivers
+# ---------------------------------------------------------------------------------------------
+
+MODES = ("reward", "temper", "product", "twisted", "uncorrected")
+WEIGHTINGS = ("path", "density")
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _log_prior(x: torch.Tensor, std: float) -> torch.Tensor:
+    z = x.double() / std
+    return -0.5 * (z * z).sum(-1) - x.shape[-1] * (math.log(std) + 0.5 * _LOG_2PI)
+
+
+class _Eval(NamedTuple):
+    scores: list[torch.Tensor] | None  # per model, at (x, t); None at the last time
+    potential: torch.Tensor | None  # r_t(x) or V_t(x), (B, N) float64
+    grad: torch.Tensor | None  # ∇ of the potential (guidance), at non-final times
+    logp: torch.Tensor | None  # Σ_k β_k log p_{k,t}(x) (weighting="density")
+
+
+class _Steering:
+    """The Feynman–Kac model that :func:`steer` hands to :func:`pathsmc.smc.smc`.
+
+    states = [x, score_1 … score_K, (guidance grad), (Σβ log p_t), *potential carry].
+    """
+
+    def __init__(self, *, models, betas, mode, times, dim, reward, value, potential,
+                 guidance, weighting, device, dtype, ops, potential_every) -> None:
+        self.models = models
+        self.betas = betas
+        self.mode = mode
+        self.times = times
+        self.num_steps = len(times) - 1
+        self.dim = dim
+        self.reward = reward
+        self.value = value
+        self.potential = potential
+        self.guidance = float(guidance)
+        self.potential_every = int(potential_every)
+        self.weighting = weighting
+        self.device = device
+        self.dtype = dtype
+        self.ops = ops
+        self.schedule = models[0].schedule
+        self.weighted = mode != "uncorrected"
+        self.has_grad = self.guidance != 0.0
+        self.has_logp = self.weighted and weighting == "density"
+        # which potential the weights carry: reward (FK), value (twist), or none
+        if mode == "reward":
+            self.pot_kind = potential
+        elif mode == "twisted":
+            self.pot_kind = "difference"
+        else:
+            self.pot_kind = None
+        self.uses_denoiser = reward is not None and mode in ("reward", "uncorrected") and (
+            value is None)
+
+    # ---- model evaluation at (x, t) ----
+
+    def _evaluate(self, x: torch.Tensor, t: float, final: bool, apply: bool = True) -> _Eval:
+        need_grad = self.has_grad and not final
+        scores = pot = grad = None
+        with torch.enable_grad() if need_grad else torch.no_grad():
+            xg = x.detach().requires_grad_(need_grad)
+            x0 = None
+            if not final:
+                if self.uses_denoiser:
+                    s0, x0 = self.models[0].score_and_denoised(xg, t)
+                    scores = [s0] + [m.score(xg, t) for m in self.models[1:]]
+                else:
+                    with torch.no_grad():
+                        scores = [m.score(x, t) for m in self.models]
+            if (self.pot_kind is not None and apply) or need_grad:
+                if self.value is not None and not (final and self.reward is not None):
+                    out = self.value(xg, t)
+                    if isinstance(out, tuple):
+                        pot, grad = out
+                    else:
+                        pot = out
+                elif final:
+                    pot = self.reward(x)
+                else:
+                    pot = self.reward(x0)
+                if need_grad and grad is None:
+                    (grad,) = torch.autograd.grad(pot.sum(), xg)
+        if scores is not None:
+            scores = [s.detach() for s in scores]
+        if pot is not None:
+            pot = pot.detach().double()
+        if grad is not None:
+            grad = grad.detach() if need_grad else None
+        logp = None
+        if self.has_logp:
+            with torch.no_grad():
+                logp = sum(b * m.log_prob(x, t).double() for b, m in zip(
+                    self.betas, self.models, strict=True))
+        return _Eval(scores, pot, grad, logp)
+
+    # ---- FeynmanKacModel ----
+
+    def _pack(self, x: torch.Tensor, ev: _Eval, old: list[torch.Tensor] | None,
+              carry: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        k = len(self.models)
+        scores = ev.scores if ev.scores is not None else old[1:1 + k]
+        states = [x, *scores]
+        i = 1 + k
+        if self.has_grad:
+            states.append(ev.grad if ev.grad is not None else old[i])
+            i += 1
+        if self.has_logp:
+            states.append(ev.logp)
+        return states + list(carry)
+
+    def _unpack(self, states: list[torch.Tensor]):
+        k = len(self.models)
+        x, scores = states[0], states[1:1 + k]
+        i = 1 + k
+        grad = logp = None
+        if self.has_grad:
+            grad, i = states[i], i + 1
+        if self.has_logp:
+            logp, i = states[i], i + 1
+        return x, scores, grad, logp, tuple(states[i:])
+
+    def init(self, batch: int, particles: int, generator: torch.Generator | None):
+        std = float(self.schedule.prior_std)
+        x = std * torch.randn(batch, particles, self.dim, generator=generator,
+                              device=self.device, dtype=self.dtype)
+        t0 = self.times[0]
+        ev = self._evaluate(x, t0, final=False)
+        logw = torch.zeros(batch, particles, dtype=torch.float64, device=x.device)
+        carry: tuple[torch.Tensor, ...] = ()
+        if self.weighted:
+            log_prior = _log_prior(x, std)
+            if self.has_logp:
+                logw = ev.logp - log_prior
+            else:  # Σ_k β_k log p_{k,1}(x) − log p_prior(x), p_{k,1} ≈ prior when unknown
+                with torch.no_grad():
+                    for b, m in zip(self.betas, self.models, strict=True):
+                        lp = m.log_prob(x, t0).double() if m.has_log_prob else log_prior
+                        logw = logw + b * lp
+                logw = logw - log_prior
+            if self.pot_kind is not None:
+                inc, carry = fk_potential(self.pot_kind, ev.potential, None, False)
+                logw = logw + inc
+        return self._pack(x, ev, None, carry), logw
+
+    def step(self, k: int, states: list[torch.Tensor], logw: torch.Tensor,
+             generator: torch.Generator | None):
+        x, scores, grad, logp, carry = self._unpack(states)
+        t, t_new = self.times[k], self.times[k + 1]
+        em = self.schedule.reverse_em(t, t - t_new)
+        prop = sum(b * s for b, s in zip(self.betas, scores, strict=True))
+        if grad is not None:
+            prop = prop + self.guidance * grad
+        drift = em.drift(x, prop).to(x.dtype)
+        if not self.weighted:
+            x_new, _ = self.ops.em_step(x, drift, None, dt=em.dt, sigma=em.sigma,
+                                        generator=generator)
+        elif self.weighting == "path":
+            refs = [em.drift(x, s).to(x.dtype) for s in scores]
+            x_new, logw = self.ops.em_step(
+                x, drift, logw, dt=em.dt, sigma=em.sigma, ref_drifts=refs,
+                ref_coefs=list(self.betas), fwd_coef=1.0 - sum(self.betas),
+                fwd_linear=em.fwd_linear, generator=generator)
+        else:
+            x_new, logw = self.ops.em_step(x, drift, logw, dt=em.dt, sigma=em.sigma,
+                                           fwd_coef=1.0, fwd_linear=em.fwd_linear,
+                                           generator=generator)
+        final = k + 1 == self.num_steps
+        apply = final or (k + 1) % self.potential_every == 0
+        ev = self._evaluate(x_new, t_new, final, apply)
+        if self.weighted:
+            if self.has_logp:
+                logw = logw + (ev.logp - logp)
+            if self.pot_kind is not None and apply:
+                inc, carry = fk_potential(self.pot_kind, ev.potential, carry, final)
+                logw = logw + inc
+        return self._pack(x_new, ev, states, carry), logw
+
+
+def steer(
+    model: DiffusionModel | Sequence[DiffusionModel],
+    mode: str = "reward",
+    *,
+    particles: int,
+    batch: int = 1,
+    steps: int = 100,
+    dim: int | None = None,
+    reward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    potential: str = "difference",
+    potential_every: int = 1,
+    value: Callable[[torch.Tensor, float], Any] | None = None,
+    beta: float | Sequence[float] | None = None,
+    guidance: float | None = None,
+    weighting: str = "path",
+    t_end: float = 0.0,
+    times: Sequence[float] | None = None,
+    threshold: float = 0.5,
+    scheme: str = "systematic",
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ops: Any = None,
+    progress: bool | None = None,
+) -> SMCResult:
+    """Steer a pretrained diffusion model with SMC along its reverse-time Euler–Maruyama chain.
+
+    Particles start from the schedule's prior N(0, prior_std² I) at t = 1 and take ``steps``
+    uniform steps to ``t_end``. Each step is one :func:`pathsmc.ops.em_step` — the proposal and
+    the path-RND weight of DESIGN.md ("The step weight") — plus the mode's potential; the
+    generic driver :func:`pathsmc.smc.smc` resamples adaptively and estimates log Ẑ per row.
+
+    Modes (the target at t = 0 and how it is weighted):
+
+    - ``"reward"``: ``p_0(x) exp(r(x)) / Z``. Reference kernel the model (c = (1), c_f = 0),
+      FK potentials on the intermediate rewards ``r_t(x) = r(x̂_0(x, t))`` at Tweedie's
+      denoised mean (``potential``: ``"difference"`` — exact, telescoping —, ``"max"`` or
+      ``"sum"``, see :func:`fk_potential`); optional gradient guidance
+      ``guidance · g(t)² ∇_x r_t(x)`` (autograd through the model) in the proposal.
+    - ``"temper"``: ``p_0(x)^β / Z``. Proposal with the annealed score ``β · score``; path-RND
+      weight with c = (β), c_f = 1 − β (forward kernel from the schedule's drift) and initial
+      weight ``β log p_1(x) − log p_prior(x)``.
+    - ``"product"``: ``Π_k p_k(x)^{β_k} / Z`` for several models (``model`` a sequence, one β
+      each): products of experts, and classifier-free guidance with ``model = [conditional,
+      unconditional]`` and ``beta = (w, 1 − w)``. Proposal score ``Σ_k β_k score_k``, weight
+      c = (β_1, β_2, …), c_f = 1 − Σ_k β_k.
+    - ``"twisted"``: ``p_0(x) exp(V_0(x)) / Z`` with a user value function (twist) ``V_t``:
+      potential ``V_{t−h}(x') − V_t(x)``, guidance ``guidance · g(t)² ∇V_t(x)`` (default 1: the
+      seed's soft-value / twisted SMC, optimal when V_t is the exact soft value
+      ``log E[exp(r(X_0)) | X_t = x]``), reference kernel the model (c = (1)). With ``reward``
+      also given, the last potential uses ``r(x)`` instead of ``V_0(x)``.
+    - ``"uncorrected"``: the proposal built from the same arguments (``beta`` for the
+      annealed / combined score, ``reward`` or ``value`` with ``guidance``) without any weight
+      or resampling — the guidance baseline; ``log_z`` is 0 and every ESS is N.
+
+    The initial weight is ``Σ_k β_k log p_{k,1}(x) − log p_prior(x)`` plus the first
+    potential, with ``p_{k,1}`` the model's ``log_prob`` at t = 1 when given and the prior
+    itself otherwise (VP: p_1 ≈ N(0, I); VE: ≈ N(0, σ_max² I)).
+
+    The path-RND weights are exact in the continuous-time limit; with finitely many steps the
+    target is that of the discretized chain (small for reasonable ``steps``). When every model
+    has an exact ``log_prob``, ``weighting="density"`` replaces the RND by the exact
+    intermediate targets ``Π_k p_{k,t}^{β_k}`` (forward kernel only, c_f = 1): then Ẑ is
+    unbiased for any number of steps.
+
+    Sharpening targets (Σ_k β_k > 1: β > 1, products of two models) are hard for the annealed
+    proposal, which contracts faster than the target (for Gaussians its variance goes to
+    1/(2β − 1) of the model's instead of 1/β): the weights are heavy-tailed and log Ẑ spreads
+    widely unless N is large. β ≤ 1 and Σ_k β_k = 1 (classifier-free guidance) are benign.
+
+    Args:
+        model: a :class:`DiffusionModel`, or a sequence of them for ``"product"`` (and for
+            ``"uncorrected"`` with several ``beta``); all share the first one's schedule.
+        mode: one of ``"reward"``, ``"temper"``, ``"product"``, ``"twisted"``,
+            ``"uncorrected"``.
+        particles: N particles per problem.
+        batch: B independent problems (rows), each with its own log Ẑ; per-row conditions go
+            in the models' ``condition`` and in ``reward`` / ``value`` (which see all rows).
+        steps: Euler–Maruyama steps from t = 1 to ``t_end``.
+        dim: event size D (default: ``model.dim``).
+        reward: ``reward(x) -> (B, N)`` log-potential r at the end (a log-likelihood,
+            β·reward, ...); required for ``"reward"``.
+        potential: the FK potential of ``"reward"``: ``"difference"``, ``"max"`` or ``"sum"``.
+        potential_every: apply the potential (FK reward or twist) only every this many steps,
+            and always at the last one (FK steering's resampling interval). Every choice
+            targets the same distribution; with ``"max"`` / ``"sum"`` fewer factors give
+            weights of much lower variance.
+        value: ``value(x, t) -> V (B, N)`` or ``(V, ∇V)``, the twist of ``"twisted"`` (also
+            accepted by ``"uncorrected"`` for its guidance); without ∇V the gradient comes from
+            autograd.
+        beta: the exponent of ``"temper"`` (a float) or the weights of ``"product"`` (one per
+            model); for ``"uncorrected"`` the score combination (default 1 per model).
+        guidance: scale of the gradient guidance (default 0 for ``"reward"``, 1 for
+            ``"twisted"``, 1 for ``"uncorrected"`` when ``reward`` or ``value`` is given).
+        weighting: ``"path"`` (path-RND from the scores; default) or ``"density"`` (exact
+            intermediate densities from the models' ``log_prob``).
+        t_end: the final diffusion time (0: data).
+        times: an explicit decreasing time grid ``1 = t_0 > t_1 > … > t_K = t_end``
+            (overrides ``steps`` and ``t_end``), e.g. finer where the schedule is stiff.
+        threshold: resample a row when its ESS < threshold · N.
+        scheme: resampling scheme (``systematic``, ``stratified``, ``multinomial``,
+            ``residual``).
+        generator: seeds the prior, the step noise and the resampling.
+        seed: creates ``generator`` on ``device`` when that is not given.
+        device: where the particles live.
+        dtype: particle dtype (log-weights are float64).
+        ops: the module providing ``em_step`` (default :mod:`pathsmc.ops`; pass
+            :mod:`pathsmc.reference` for the pure-PyTorch step).
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Returns:
+        :class:`pathsmc.smc.SMCResult`: ``particles`` ``(B, N, D)``, ``logw``, ``log_z``
+        ``(B,)``, ESS and resampling histories, dead rows.
+    """
+    from pathsmc.smc import smc
+
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    models = [model] if isinstance(model, DiffusionModel) else list(model)
+    if not models or not all(isinstance(m, DiffusionModel) for m in models):
+        raise TypeError("model: expected a DiffusionModel or a non-empty sequence of them")
+    if mode in ("reward", "temper", "twisted") and len(models) != 1:
+        raise ValueError(f"mode {mode!r}: expected one model, got {len(models)}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+    if potential not in POTENTIALS:
+        raise ValueError(f"potential: expected one of {POTENTIALS}, got {potential!r}")
+    if steps < 1:
+        raise ValueError(f"steps: expected a positive integer, got {steps}")
+    if int(potential_every) < 1:
+        raise ValueError(f"potential_every: expected a positive integer, got {potential_every}")
+    if int(potential_every) < 1:
+        raise ValueError(f"potential_every: expected a positive integer, got {potential_every}")
+    if not 0.0 <= t_end < 1.0:
+        raise ValueError(f"t_end: expected 0 <= t_end < 1, got {t_end}")
+    # exponents
+    if mode in ("reward", "twisted"):
+        if beta is not None:
+            raise ValueError(f"beta: not used by mode {mode!r} (use 'temper' / 'product')")
+        betas = [1.0]
+    elif mode == "temper":
+        if beta is None or not isinstance(beta, int | float):
+            raise ValueError("beta: mode 'temper' needs the exponent β as a float")
+        betas = [float(beta)]
+    else:
+        if beta is None:
+            if mode == "product":
+                raise ValueError("beta: mode 'product' needs one weight per model")
+            betas = [1.0] * len(models)
+        else:
+            betas = [float(beta)] if isinstance(beta, int | float) else [float(b) for b in beta]
+        if len(betas) != len(models):
+            raise ValueError(f"beta: expected {len(models)} weights (one per model), "
+                             f"got {len(betas)}")
+    if not all(math.isfinite(b) for b in betas):
+        raise ValueError(f"beta: expected finite weights, got {betas}")
+    # potentials
+    if mode == "reward" and reward is None:
+        raise ValueError("reward: mode 'reward' needs reward(x) -> (B, N)")
+    if mode == "twisted" and value is None:
+        raise ValueError("value: mode 'twisted' needs value(x, t) -> V or (V, ∇V)")
+    if mode in ("temper", "product") and (reward is not None or value is not None):
+        raise ValueError(f"reward/value: not used by mode {mode!r}")
+    if mode == "reward" and value is not None:
+        raise ValueError("value: not used by mode 'reward' (use 'twisted')")
+    if guidance is None:
+        guidance = {"twisted": 1.0, "uncorrected": 1.0}.get(mode, 0.0)
+        if mode == "uncorrected" and reward is None and value is None:
+            guidance = 0.0
+    guidance = float(guidance)
+    if guidance != 0.0 and mode in ("temper", "product"):
+        raise ValueError(f"guidance: mode {mode!r} has no potential to guide with")
+    if guidance != 0.0 and mode == "uncorrected" and reward is None and value is None:
+        raise ValueError("guidance: mode 'uncorrected' needs reward or value to guide with")
+    if weighting == "density" and not all(m.has_log_prob for m in models):
+        raise ValueError("weighting 'density': every model needs an exact log_prob")
+    schedule = models[0].schedule
+    if any(m.schedule != schedule for m in models[1:]):
+        raise ValueError("model: every model must use the same schedule")
+    if dim is None:
+        dim = models[0].dim
+    if dim is None or int(dim) < 1:
+        raise ValueError("dim: give the event size D (or build the model with dim=...)")
+    device = torch.device(device)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    if ops is None:
+        import pathsmc.ops as ops
+    if times is None:
+        times = time_grid(steps, 1.0, float(t_end))
+    else:
+        times = [float(t) for t in times]
+        if (len(times) < 2 or times[0] != 1.0 or not 0.0 <= times[-1] < 1.0
+                or any(b >= a for a, b in zip(times, times[1:], strict=False))):
+            raise ValueError("times: expected a decreasing grid from 1.0 to t_end in [0, 1)")
+    fk = _Steering(models=models, betas=betas, mode=mode, times=times, dim=int(dim),
+                   reward=reward, value=value, potential=potential, guidance=guidance,
+                   weighting=weighting, device=device, dtype=dtype, ops=ops,
+                   potential_every=potential_every)
+    return smc(fk, particles, batch, threshold=threshold if fk.weighted else 0.0,
+               scheme=scheme, generator=generator, progress=progress, desc=f"steer:{mode}")

@@ -3,8 +3,19 @@
 from pathsmc.targets.gaussian_mixture import (
     DiffusedGaussianMixture,
     GaussianMixture,
+    GridTarget,
     Tilt,
     default_2d,
+    geometric_product,
+    mixture_product,
 )
 
-__all__ = ["DiffusedGaussianMixture", "GaussianMixture", "Tilt", "default_2d"]
+__all__ = [
+    "DiffusedGaussianMixture",
+    "GaussianMixture",
+    "GridTarget",
+    "Tilt",
+    "default_2d",
+    "geometric_product",
+    "mixture_product",
+]

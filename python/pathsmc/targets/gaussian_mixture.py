@@ -13,6 +13,15 @@ Reward tilts with closed-form answers:
 - quadratic ``exp(−½ xᵀAx + bᵀx)`` with every ``Σ_k⁻¹ + A`` positive definite
   (:meth:`GaussianMixture.quadratic_tilt`).
 
+Products and powers:
+
+- the product of mixtures ``p(x) q(x)`` is a mixture with K1·K2 components and known normalizer
+  ``Z = Σ_ij π_i ρ_j N(μ_i; ν_j, Σ_i + S_j)`` (:meth:`GaussianMixture.product`,
+  :func:`mixture_product`);
+- powers ``p^β`` and geometric products ``Π_k p_k^{β_k}`` (any real β: tempering, classifier-free
+  guidance) in 1-D and 2-D by quadrature on a grid (:meth:`GaussianMixture.power`,
+  :func:`geometric_product`), as a :class:`GridTarget` with log Z, moments and a sampler.
+
 Parameters are stored in float64 by default; computations run in the promoted dtype of the
 input and the parameters (float64 for the default parameters).
 """
@@ -20,6 +29,7 @@ input and the parameters (float64 for the default parameters).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -27,7 +37,15 @@ import torch
 if TYPE_CHECKING:
     from pathsmc.diffusion import VESchedule, VPSchedule
 
-__all__ = ["GaussianMixture", "DiffusedGaussianMixture", "Tilt", "default_2d"]
+__all__ = [
+    "GaussianMixture",
+    "DiffusedGaussianMixture",
+    "GridTarget",
+    "Tilt",
+    "default_2d",
+    "geometric_product",
+    "mixture_product",
+]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -261,6 +279,59 @@ class GaussianMixture:
                  - 0.5 * quad_old.sum(-1))
         return self._tilt_result(log_c, mu_new, cov_new)
 
+    def product(self, other: GaussianMixture) -> Tilt:
+        """``p(x) q(x) / Z`` in closed form: a mixture with K1·K2 components.
+
+        Component (i, j) is ``N(μ_ij, Σ_ij)`` with ``Σ_ij = (Σ_i⁻¹ + S_j⁻¹)⁻¹``,
+        ``μ_ij = Σ_ij (Σ_i⁻¹ μ_i + S_j⁻¹ ν_j)``, weighted by ``π_i ρ_j N(μ_i; ν_j, Σ_i + S_j)``;
+        ``Z = ∫ p q = Σ_ij π_i ρ_j N(μ_i; ν_j, Σ_i + S_j)``. Index (i, j) is ``i·K2 + j``.
+        """
+        if not isinstance(other, GaussianMixture):
+            raise TypeError(f"other: expected a GaussianMixture, got {type(other).__name__}")
+        if other.dim != self.dim:
+            raise ValueError(f"other: expected dimension {self.dim}, got {other.dim}")
+        o = other.to(device=self.device, dtype=self.dtype)
+        d = self.dim
+        prec = self._prec.unsqueeze(1) + o._prec.unsqueeze(0)  # (K1, K2, D, D)
+        chol = _cholesky(prec.reshape(-1, d, d), "product: Σ_i⁻¹ + S_j⁻¹")
+        cov = torch.cholesky_inverse(chol)
+        cov = 0.5 * (cov + cov.transpose(-1, -2))
+        eta = (torch.matmul(self._prec, self.means.unsqueeze(-1)).squeeze(-1).unsqueeze(1)
+               + torch.matmul(o._prec, o.means.unsqueeze(-1)).squeeze(-1).unsqueeze(0))
+        mu = torch.matmul(cov, eta.reshape(-1, d, 1)).squeeze(-1)
+        # log N(μ_i; ν_j, Σ_i + S_j)
+        s_sum = (self.covs.unsqueeze(1) + o.covs.unsqueeze(0)).reshape(-1, d, d)
+        chol_s = _cholesky(s_sum, "product: Σ_i + S_j")
+        diff = (self.means.unsqueeze(1) - o.means.unsqueeze(0)).reshape(-1, d, 1)
+        z = torch.linalg.solve_triangular(chol_s, diff, upper=False).squeeze(-1)
+        logdet = 2.0 * torch.log(torch.diagonal(chol_s, dim1=-2, dim2=-1)).sum(-1)
+        log_c = -0.5 * ((z * z).sum(-1) + logdet + d * _LOG_2PI)
+        lw = (self.log_weights.unsqueeze(1) + o.log_weights.unsqueeze(0)).reshape(-1) + log_c
+        log_z = torch.logsumexp(lw, 0)
+        w = torch.exp(lw - log_z).clamp_min(torch.finfo(self.dtype).tiny)  # far-apart pairs
+        return Tilt(GaussianMixture(w, mu, cov, dtype=self.dtype, device=self.device), log_z)
+
+    def power(
+        self,
+        beta: float,
+        *,
+        points: int | None = None,
+        width: float = 10.0,
+        bounds: tuple[Sequence[float], Sequence[float]] | None = None,
+    ) -> GridTarget:
+        """``p(x)^β / Z`` (β > 0) by quadrature on a grid, in 1-D or 2-D.
+
+        See :func:`geometric_product` for ``points``, ``width`` and ``bounds``.
+        """
+        beta = float(beta)
+        if not beta > 0:
+            raise ValueError(f"beta: expected a positive exponent, got {beta}")
+        return geometric_product([self], [beta], points=points, width=width, bounds=bounds)
+
+    def _box(self, scale: float, width: float) -> tuple[torch.Tensor, torch.Tensor]:
+        sd = torch.sqrt(torch.diagonal(self.covs, dim1=-2, dim2=-1) * scale)
+        return (self.means - width * sd).min(0).values, (self.means + width * sd).max(0).values
+
     def _vector(self, v: torch.Tensor, name: str) -> torch.Tensor:
         v = torch.as_tensor(v).to(device=self.device, dtype=self.dtype)
         if tuple(v.shape) != (self.dim,):
@@ -272,6 +343,155 @@ class GaussianMixture:
         log_z = torch.logsumexp(lw, 0)
         return Tilt(GaussianMixture(torch.exp(lw - log_z), means, covs, dtype=self.dtype,
                                     device=self.device), log_z)
+
+
+def mixture_product(mixtures: Sequence[GaussianMixture]) -> Tilt:
+    """``Π_k p_k(x) / Z`` for one or more mixtures, in closed form (Π_k K_k components);
+    ``log Z = log ∫ Π_k p_k``."""
+    mixtures = list(mixtures)
+    if not mixtures:
+        raise ValueError("mixtures: expected at least one GaussianMixture")
+    out = mixtures[0]
+    log_z = torch.zeros((), dtype=out.dtype, device=out.device)
+    for m in mixtures[1:]:
+        t = out.product(m)
+        out, log_z = t.mixture, log_z + t.log_z
+    return Tilt(out, log_z)
+
+
+class GridTarget:
+    """An unnormalized density ``f`` on a regular grid in 1-D or 2-D: log Z by the midpoint
+    rule (grid log-sum-exp), moments, and an (almost exact) sampler.
+
+    Args:
+        log_density: ``log f(x)`` for ``x`` of shape ``(M, D)``, returning ``(M,)``.
+        lower, upper: the box ``(D,)``; ``f`` must be negligible outside it (checked on the
+            boundary cells: at least ``e^-30`` below the maximum).
+        points: grid points per dimension.
+
+    Attributes:
+        log_z: ``log ∫ f`` (0-dim float64 tensor).
+        points: the cell centres ``(M, D)``; log_probs: normalized log cell masses ``(M,)``.
+        cell: the cell widths ``(D,)``.
+    """
+
+    def __init__(
+        self,
+        log_density: Callable[[torch.Tensor], torch.Tensor],
+        lower: Sequence[float] | torch.Tensor,
+        upper: Sequence[float] | torch.Tensor,
+        points: int,
+    ) -> None:
+        lower = torch.as_tensor(lower, dtype=torch.float64).reshape(-1)
+        upper = torch.as_tensor(upper, dtype=torch.float64).reshape(-1)
+        d = lower.numel()
+        if d not in (1, 2) or upper.shape != lower.shape:
+            raise ValueError(f"GridTarget: expected 1-D or 2-D bounds of equal shape, got "
+                             f"{tuple(lower.shape)} and {tuple(upper.shape)}")
+        if not bool((upper > lower).all()):
+            raise ValueError("GridTarget: expected upper > lower in every dimension")
+        points = int(points)
+        if points < 3:
+            raise ValueError(f"points: expected at least 3 per dimension, got {points}")
+        self.dim = d
+        self.cell = (upper - lower) / points
+        axes = [lower[i] + (torch.arange(points, dtype=torch.float64) + 0.5) * self.cell[i]
+                for i in range(d)]
+        grid = torch.meshgrid(*axes, indexing="ij")
+        self.points = torch.stack([g.reshape(-1) for g in grid], -1)
+        chunks = [log_density(c).reshape(-1).double()
+                  for c in torch.split(self.points, 1 << 16)]
+        log_f = torch.cat(chunks)
+        self._log_density = log_density
+        top = float(torch.nan_to_num(log_f, nan=-math.inf).max())
+        if not math.isfinite(top):
+            raise ValueError("GridTarget: the density is zero, infinite or NaN on the grid")
+        edge = log_f.reshape([points] * d)
+        rim = torch.cat([edge.select(i, j).reshape(-1) for i in range(d) for j in (0, -1)])
+        if float(rim.max()) > top - 30.0:
+            raise ValueError("GridTarget: the density is not negligible at the boundary of the "
+                             "grid (widen the bounds)")
+        log_cell = float(torch.log(self.cell).sum())
+        lse = torch.logsumexp(log_f, 0)
+        self.log_z = lse + log_cell
+        self.log_probs = log_f - lse
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Normalized cell masses ``(M,)``."""
+        return self.log_probs.exp()
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log f(x) − log Z`` for ``x`` ``(..., D)``."""
+        lead = x.shape[:-1]
+        return (self._log_density(x.reshape(-1, self.dim).double()) - self.log_z).reshape(lead)
+
+    def expectation(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``E[fn(X)]`` by the same quadrature (``fn`` maps ``(M, D)`` to ``(M, ...)``)."""
+        vals = fn(self.points)
+        w = self.probs.reshape(-1, *([1] * (vals.dim() - 1)))
+        return (w * vals).sum(0)
+
+    def mean(self) -> torch.Tensor:
+        """E[X], ``(D,)``."""
+        return self.expectation(lambda x: x)
+
+    def covariance(self) -> torch.Tensor:
+        """Cov[X], ``(D, D)``."""
+        mu = self.mean()
+        dev = self.points - mu
+        return self.expectation(lambda x: dev.unsqueeze(-1) * dev.unsqueeze(-2))
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Samples ``(num_samples, D)``: a cell by its mass, then uniform within the cell
+        (exact up to the density's variation within a cell)."""
+        idx = torch.multinomial(self.probs, num_samples, replacement=True, generator=generator)
+        u = torch.rand(num_samples, self.dim, dtype=torch.float64, generator=generator) - 0.5
+        return self.points[idx] + u * self.cell
+
+
+def geometric_product(
+    mixtures: Sequence[GaussianMixture],
+    betas: Sequence[float],
+    *,
+    points: int | None = None,
+    width: float = 10.0,
+    bounds: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> GridTarget:
+    """``Π_k p_k(x)^{β_k} / Z`` in 1-D or 2-D by quadrature on a grid: tempering (one mixture),
+    products of experts, classifier-free guidance (β = (w, 1 − w), w > 1).
+
+    Args:
+        mixtures: the factors (same dimension, 1 or 2).
+        betas: one real exponent each; at least one positive. ``Z`` must be finite (with a
+            negative exponent the positive factors must dominate in the tails).
+        points: grid points per dimension (default 4001 in 1-D, 801 in 2-D).
+        width: the default box spans every component of the positive-β factors to
+            ``width`` standard deviations of ``N(μ, Σ/β)``.
+        bounds: an explicit box ``(lower, upper)``, each ``(D,)``.
+    """
+    mixtures, betas = list(mixtures), [float(b) for b in betas]
+    if not mixtures or len(betas) != len(mixtures):
+        raise ValueError(f"betas: expected one exponent per mixture ({len(mixtures)}), "
+                         f"got {len(betas)}")
+    d = mixtures[0].dim
+    if d not in (1, 2) or any(m.dim != d for m in mixtures):
+        raise ValueError("mixtures: expected factors of one common dimension, 1 or 2")
+    if not any(b > 0 for b in betas):
+        raise ValueError(f"betas: expected at least one positive exponent, got {betas}")
+    if bounds is None:
+        boxes = [m._box(1.0 / b, width) for m, b in zip(mixtures, betas, strict=True) if b > 0]
+        lower = torch.stack([b[0] for b in boxes]).min(0).values
+        upper = torch.stack([b[1] for b in boxes]).max(0).values
+    else:
+        lower, upper = bounds
+    if points is None:
+        points = 4001 if d == 1 else 801
+
+    def log_density(x: torch.Tensor) -> torch.Tensor:
+        return sum(b * m.log_prob(x) for m, b in zip(mixtures, betas, strict=True))
+
+    return GridTarget(log_density, lower, upper, points)
 
 
 class DiffusedGaussianMixture(GaussianMixture):
