@@ -31,6 +31,15 @@ PATHSMC_HD float bits_float(uint32_t u) {
   return f;
 #endif
 }
+PATHSMC_HD uint64_t double_bits(double f) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(f));
+#else
+  uint64_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
 PATHSMC_HD double bits_double(uint64_t u) {
 #if defined(__CUDA_ARCH__)
   return __longlong_as_double(static_cast<long long>(u));
@@ -79,6 +88,60 @@ PATHSMC_HD void sincos_2pi_f(float u, float& s, float& c) {
   const int32_t quadrant = static_cast<int32_t>(q) & 3;  // angle = t + quadrant·π/2
   const float ss = (quadrant & 1) ? cp : sp;
   const float cc = (quadrant & 1) ? sp : cp;
+  s = (quadrant & 2) ? -ss : ss;
+  c = ((quadrant + 1) & 2) ? -cc : cc;
+}
+
+// Natural log of x in (0, 1] given as a normal double (Cephes' rational approximation on the
+// mantissa in [sqrt(1/2), sqrt(2)), within 1 ulp).
+PATHSMC_HD double log_poly(double x) {
+  const uint64_t bits = double_bits(x);
+  int32_t e = static_cast<int32_t>((bits >> 52) & 0x7ff) - 1022;  // x = m·2^e, m in [0.5, 1)
+  double m = bits_double((bits & 0x000fffffffffffffull) | 0x3fe0000000000000ull);
+  const int32_t small = m < 0.70710678118654752440;
+  e -= small;
+  m = m * static_cast<double>(1 + small) - 1.0;
+  const double z = m * m;
+  double p = 1.01875663804580931796e-4;
+  p = p * m + 4.97494994976747001425e-1;
+  p = p * m + 4.70579119878881725854e0;
+  p = p * m + 1.44989225341610930846e1;
+  p = p * m + 1.79368678507819816313e1;
+  p = p * m + 7.70838733755885391666e0;
+  double q = m + 1.12873587189167450590e1;
+  q = q * m + 4.52279145837532221105e1;
+  q = q * m + 8.29875266912776603211e1;
+  q = q * m + 7.11544750618563894466e1;
+  q = q * m + 2.31251620126765340583e1;
+  const double fe = static_cast<double>(e);
+  double y = m * (z * p / q);
+  y -= fe * 2.121944400546905827679e-4;
+  y -= 0.5 * z;
+  return m + y + fe * 0.693359375;
+}
+
+// sin(2πu) and cos(2πu) for u in [0, 1), double (Cephes polynomials on [-π/4, π/4]).
+PATHSMC_HD void sincos_2pi(double u, double& s, double& c) {
+  const double q = floor(u * 4.0 + 0.5);  // nearest quarter turn
+  const double t = (u - 0.25 * q) * 6.283185307179586476925286766559;
+  const double z = t * t;
+  double sp = 1.58962301576546568060e-10;
+  sp = sp * z - 2.50507477628578072866e-8;
+  sp = sp * z + 2.75573136213857245213e-6;
+  sp = sp * z - 1.98412698295895385996e-4;
+  sp = sp * z + 8.33333333332211858878e-3;
+  sp = sp * z - 1.66666666666666307295e-1;
+  sp = t + t * z * sp;
+  double cp = -1.13585365213876817300e-11;
+  cp = cp * z + 2.08757008419747316778e-9;
+  cp = cp * z - 2.75573141792967388112e-7;
+  cp = cp * z + 2.48015872888517045348e-5;
+  cp = cp * z - 1.38888888888730564116e-3;
+  cp = cp * z + 4.16666666666665929218e-2;
+  cp = 1.0 - 0.5 * z + z * z * cp;
+  const int32_t quadrant = static_cast<int32_t>(q) & 3;  // angle = t + quadrant·π/2
+  const double ss = (quadrant & 1) ? cp : sp;
+  const double cc = (quadrant & 1) ? sp : cp;
   s = (quadrant & 2) ? -ss : ss;
   c = ((quadrant + 1) & 2) ? -cc : cc;
 }

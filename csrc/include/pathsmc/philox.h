@@ -81,14 +81,9 @@ PATHSMC_HD void box_muller(float u1, float u2, float& z0, float& z1) {
   z1 = r * s;
 }
 PATHSMC_HD void box_muller(double u1, double u2, double& z0, double& z1) {
-  const double r = sqrt(-2.0 * log(u1));
-#if defined(__CUDA_ARCH__)
+  const double r = sqrt(-2.0 * log_poly(u1));
   double s, c;
-  sincospi(2.0 * u2, &s, &c);
-#else
-  const double a = 6.283185307179586476925286766559 * u2;
-  const double s = sin(a), c = cos(a);
-#endif
+  sincos_2pi(u2, s, c);
   z0 = r * c;
   z1 = r * s;
 }
