@@ -1,0 +1,903 @@
+"""Parallel tempering (replica exchange) with non-reversible swaps and adaptive schedules.
+
+K levels × C chains × B problems, batched on one device. Level k of problem b targets the
+geometric path
+
+    π_β(x) ∝ ref(x)^{1−β} · γ(x)^β,        β = β_{b,k},  0 = β_{b,0} < ... < β_{b,K−1} = 1,
+
+from a tractable reference (β = 0) to the unnormalized target γ (β = 1). Every problem has its
+own schedule and MALA step sizes; the C chains of a problem are C independent PT systems
+(columns), each with K replicas, which is what the batch-means error bars below rely on.
+
+**Layout.** All per-replica tensors are ``(K, B, C, ...)``: states ``x`` ``(K, B, C, D)``,
+log-densities ``(K, B, C)``. The same memory is viewed two ways, without copies:
+
+- ``(K·B, C, D)`` for the local moves: one row per (level, problem), so
+  :func:`pathsmc.ops.mala_accept` takes one step size per row, i.e. per level and problem;
+- ``(K, B·C, D)`` for the swaps: :func:`pathsmc.ops.replica_swap` exchanges adjacent levels
+  of each of the B·C columns.
+
+**One scan** (Syed et al. 2021, Algorithm 1):
+
+1. *Local exploration*, ``local_steps`` MALA moves at every level: the proposal
+   ``x' = x + h∇log π_β(x) + √(2h)·ε`` through :func:`pathsmc.ops.em_step` (``em_step`` takes a
+   scalar ``dt``, so the per-row step ``h`` is folded into its inputs:
+   ``em_step(x, drift=h·∇, dt=1, sigma=√2, noise=√h·ε)``), the Metropolis–Hastings correction
+   through :func:`pathsmc.ops.mala_accept` with the per-row step tensor. When the reference can
+   be sampled (it has ``sample``, e.g. :class:`pathsmc.targets.boltzmann.DiagonalGaussian`) and
+   ``reference_iid`` is on, level 0 is instead redrawn exactly from the reference (an
+   independent draw leaves π_0 invariant and makes every visit of a replica to the reference
+   a full restart).
+2. *Communication*: the pairs (k, k+1) with k ≡ parity (mod 2) propose to exchange their
+   states, accepted with probability ``min(1, exp(r_k))``,
+   ``r_k = (β_{k+1} − β_k)·(ℓ(x_k) − ℓ(x_{k+1}))``, ``ℓ = log γ − log ref``
+   (:func:`swap_log_ratio`). DEO (deterministic even/odd, the default) alternates the parity
+   every scan, which makes the index process of each replica non-reversible (it keeps moving
+   in one direction until a swap is rejected); SEO draws the parity at random every scan
+   (reversible). The states, their cached log-densities and gradients, and each replica's
+   round-trip phase travel together through ``replica_swap``.
+
+**Rounds.** Round r runs 2^r scans (r = 0, 1, ...: rounds double in length). Between rounds
+the schedule is adapted (Syed et al. 2021, §5.1): the round's swap rejection rates r̂_k
+(Rao–Blackwellized: the mean of ``1 − min(1, e^{r_k})`` over every pair, scan and chain)
+give the cumulative barrier ``Λ(β_k) = Σ_{j<k} r̂_j``; a monotone cubic (Fritsch–Carlson)
+interpolation of it is inverted at equal quantiles, ``β'_k = Λ^{−1}(k·Λ/(K−1))``, so the new
+schedule equalizes the rejection rates. MALA step sizes adapt during every round but the last
+(``log h += adapt_rate·(acceptance − target_accept)`` per level, on the device) and are carried
+to the new schedule by interpolation in β. The last round runs with schedule and step sizes
+frozen: its samples and estimates come from one fixed, π-invariant Markov chain.
+
+**Diagnostics** per round (:class:`RoundStats`), accumulated in device tensors and read once
+at the round's end (no host sync inside a round):
+
+- swap acceptance per pair, Rao–Blackwellized and empirical (attempted pairs only);
+- the global communication barrier ``Λ̂ = Σ_k r̂_k`` with a batch-means standard error over
+  the C independent columns, the cumulative barrier at the β's, the local barrier
+  ``λ(β) = dΛ/dβ``; a round-trip-rate bound ``1/(2 + 2Λ)`` per column (Syed et al. Thm. 3);
+- round trips and tempered restarts per chain column: every replica carries a phase
+  (0: not yet at the reference, 1: left the reference, 2: then reached the target); a
+  *tempered restart* is a replica in phase 1 reaching the target (a fresh draw from the
+  reference carried to β = 1), a *round trip* one in phase 2 returning to the reference;
+- stepping-stone log Z, forward
+  ``log Ẑ = log Z_ref + Σ_k log mean_i exp((β_{k+1} − β_k)·ℓ(x_k^i))`` and backward
+  ``log Z_ref − Σ_k log mean_i exp(−(β_{k+1} − β_k)·ℓ(x_{k+1}^i))`` over every scan and chain,
+  with a delta-method standard error from the C columns;
+- MALA acceptance per level, mean ``−log γ`` per level per scan (energy trace), and optionally
+  every scan's states (``record``).
+
+A compact report per round can be printed, and :meth:`PTResult.plot` writes a PNG of the
+barrier λ(β) and the schedule (matplotlib, Agg backend).
+
+Sources: S. Syed, A. Bouchard-Côté, G. Deligiannidis, A. Doucet, "Non-reversible parallel
+tempering: a scalable highly parallel MCMC scheme", JRSS B 84 (2022) 321–350; N. Surjanovic
+et al., "Pigeons.jl: distributed sampling from intractable distributions" (2023) — the same
+DEO swaps, round doubling, schedule adaptation and diagnostics; F. N. Fritsch and
+R. E. Carlson, "Monotone piecewise cubic interpolation", SIAM J. Numer. Anal. 17 (1980).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pathsmc import ops
+
+__all__ = [
+    "MonotoneCubic",
+    "PTResult",
+    "ParallelTempering",
+    "PerProblemTarget",
+    "RoundStats",
+    "optimal_schedule",
+    "parallel_tempering",
+    "swap_log_ratio",
+]
+
+_SQRT2 = math.sqrt(2.0)
+_SWAPS = ("deo", "seo")
+_MIN_REJECTION = 1e-6  # floor on the rejection rates so the cumulative barrier is increasing
+
+LogDensity = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``x (..., D) ↦ (log density (...), gradient (..., D))``: what the PT callables compute."""
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+
+def swap_log_ratio(betas: torch.Tensor, ell: torch.Tensor) -> torch.Tensor:
+    """Log acceptance ratio of exchanging the states of levels k and k+1.
+
+    ``r_k = (β_{k+1} − β_k)·(ℓ(x_k) − ℓ(x_{k+1}))`` with ``ℓ = log γ − log ref``: the log of
+    ``π_k(x_{k+1}) π_{k+1}(x_k) / (π_k(x_k) π_{k+1}(x_{k+1}))`` for the geometric path (the
+    normalizers cancel).
+
+    Args:
+        betas: ``(K, B)`` inverse temperatures per level and problem.
+        ell: ``(K, B, C)`` ℓ at the current states of every level.
+
+    Returns ``(K−1, B, C)``.
+    """
+    d = (betas[1:] - betas[:-1]).to(ell.dtype)
+    return d.unsqueeze(-1) * (ell[:-1] - ell[1:])
+
+
+class MonotoneCubic:
+    """Monotone piecewise-cubic Hermite interpolation (Fritsch & Carlson 1980; the slopes of
+    SciPy's ``PchipInterpolator``) of data ``(x_i, y_i)``, x strictly increasing.
+
+    Used for the cumulative barrier Λ(β): nondecreasing data give a nondecreasing interpolant,
+    so it can be inverted; its derivative estimates the local barrier λ(β).
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        if x.ndim != 1 or x.shape != y.shape or x.size < 2:
+            raise ValueError("MonotoneCubic: expected 1-D x and y of the same length >= 2")
+        h = np.diff(x)
+        if not np.all(h > 0):
+            raise ValueError("MonotoneCubic: x must be strictly increasing")
+        delta = np.diff(y) / h
+        d = np.zeros_like(y)
+        if x.size == 2:
+            d[:] = delta[0]
+        else:
+            w1 = 2.0 * h[1:] + h[:-1]
+            w2 = h[1:] + 2.0 * h[:-1]
+            same = delta[:-1] * delta[1:] > 0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                hm = (w1 + w2) / (w1 / delta[:-1] + w2 / delta[1:])
+            d[1:-1] = np.where(same, hm, 0.0)
+            d[0] = self._end_slope(h[0], h[1], delta[0], delta[1])
+            d[-1] = self._end_slope(h[-1], h[-2], delta[-1], delta[-2])
+        self.x, self.y, self.d, self.h = x, y, d, h
+
+    @staticmethod
+    def _end_slope(h0: float, h1: float, m0: float, m1: float) -> float:
+        d = ((2.0 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
+        if np.sign(d) != np.sign(m0):
+            return 0.0
+        if np.sign(m0) != np.sign(m1) and abs(d) > abs(3.0 * m0):
+            return 3.0 * m0
+        return float(d)
+
+    def _locate(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = np.clip(np.asarray(t, dtype=np.float64), self.x[0], self.x[-1])
+        i = np.clip(np.searchsorted(self.x, t, side="right") - 1, 0, self.x.size - 2)
+        s = (t - self.x[i]) / self.h[i]
+        return i, s
+
+    def __call__(self, t: np.ndarray) -> np.ndarray:
+        """Values at ``t`` (clamped to the data range)."""
+        i, s = self._locate(t)
+        h = self.h[i]
+        h00 = (1 + 2 * s) * (1 - s) ** 2
+        h10 = s * (1 - s) ** 2
+        h01 = s * s * (3 - 2 * s)
+        h11 = s * s * (s - 1)
+        return (h00 * self.y[i] + h10 * h * self.d[i] + h01 * self.y[i + 1]
+                + h11 * h * self.d[i + 1])
+
+    def derivative(self, t: np.ndarray) -> np.ndarray:
+        """First derivative at ``t`` (clamped to the data range)."""
+        i, s = self._locate(t)
+        h = self.h[i]
+        dy = self.y[i + 1] - self.y[i]
+        return (6 * s * (1 - s) * dy / h + (1 - 4 * s + 3 * s * s) * self.d[i]
+                + (3 * s * s - 2 * s) * self.d[i + 1])
+
+
+def optimal_schedule(betas: np.ndarray | torch.Tensor, rejection: np.ndarray | torch.Tensor,
+                     num_levels: int | None = None,
+                     grid: int = 20_001) -> tuple[np.ndarray, np.ndarray]:
+    """The schedule that equalizes swap rejection rates (Syed et al. 2021, §5.1).
+
+    Builds the cumulative barrier ``Λ(β_k) = Σ_{j<k} r_j`` from the rejection rates of the
+    current schedule (floored at 1e-6 so Λ increases strictly), interpolates it with
+    :class:`MonotoneCubic` and places the new β's at equal quantiles of Λ:
+    ``β'_k = Λ^{−1}(k·Λ(1)/(K'−1))``, inverting on a fine grid.
+
+    Args:
+        betas: current schedule ``(K,)``, 0 = β_0 < ... < β_{K−1} = 1.
+        rejection: ``(K−1,)`` rejection rates of the adjacent pairs.
+        num_levels: K' of the new schedule (default K).
+        grid: points of the inversion grid.
+
+    Returns ``(new_betas (K',), cumulative barrier at the old betas (K,))``, float64 numpy.
+    """
+    b = np.asarray(betas, dtype=np.float64).reshape(-1)
+    r = np.asarray(rejection, dtype=np.float64).reshape(-1)
+    if r.size != b.size - 1:
+        raise ValueError(f"rejection: expected {b.size - 1} rates for {b.size} levels, "
+                         f"got {r.size}")
+    r = np.clip(np.nan_to_num(r, nan=1.0), _MIN_REJECTION, 1.0)
+    cum = np.concatenate([[0.0], np.cumsum(r)])
+    k = b.size if num_levels is None else int(num_levels)
+    if k < 2:
+        raise ValueError(f"num_levels: expected >= 2, got {k}")
+    fine = np.linspace(0.0, 1.0, grid)
+    lam = MonotoneCubic(b, cum)(fine)
+    goals = np.linspace(0.0, cum[-1], k)
+    new = np.interp(goals, lam, fine)
+    new[0], new[-1] = 0.0, 1.0
+    # Λ increases strictly (floored rates), so ties can only come from rounding: break them.
+    for i in range(1, k - 1):
+        if new[i] <= new[i - 1]:
+            new[i] = np.nextafter(new[i - 1], 2.0)
+    return new, cum
+
+
+class PerProblemTarget:
+    """Stack B different targets (or references) into one batched callable.
+
+    The PT callables receive states ``(..., B, C, D)`` (problem index at dimension −3); this
+    evaluates ``targets[b]`` on ``x[..., b, :, :]`` and stacks. Targets with parameters that
+    broadcast over B as ``(B, 1, D)`` need no wrapper.
+    """
+
+    def __init__(self, targets: list) -> None:
+        if not targets:
+            raise ValueError("targets: expected at least one target")
+        self.targets = list(targets)
+        self.dim = getattr(self.targets[0], "dim", None)
+
+    def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() < 3 or x.shape[-3] != len(self.targets):
+            raise ValueError(f"x: expected shape (..., {len(self.targets)}, C, D), "
+                             f"got {tuple(x.shape)}")
+        outs = [_eval(t, x[..., b, :, :]) for b, t in enumerate(self.targets)]
+        return torch.stack([o[0] for o in outs], -2), torch.stack([o[1] for o in outs], -3)
+
+
+def _eval(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log density float64 (...), gradient (..., D) in x's dtype)`` of an object with
+    ``log_prob_and_grad`` or a plain callable returning that pair."""
+    f = fn.log_prob_and_grad if hasattr(fn, "log_prob_and_grad") else fn
+    lp, g = f(x)
+    return lp.to(torch.float64), g.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class RoundStats:
+    """One round's diagnostics, on the CPU (float64 unless stated).
+
+    Shapes: B problems, K levels, C chains (columns), S scans in the round.
+
+    Attributes:
+        round: round index r (the round ran ``scans = 2^r`` scans unless set otherwise).
+        scans: S.
+        betas: the schedule used ``(B, K)``.
+        step_size: MALA step sizes at the round's end ``(B, K)`` (level 0 unused when it is
+            redrawn from the reference).
+        adapted: whether step sizes adapted during the round.
+        swap_accept: Rao–Blackwellized swap acceptance ``E[min(1, e^{r_k})]`` per pair
+            ``(B, K−1)``, averaged over every scan and chain (all pairs, attempted or not);
+            ``swap_accept_se`` its batch-means standard error over the C columns.
+        swap_accept_empirical: fraction of attempted swaps accepted ``(B, K−1)`` (NaN for a
+            pair never attempted).
+        barrier: Λ̂ = Σ_k (1 − swap_accept) ``(B,)``.
+        barrier_se: its batch-means standard error over the C columns ``(B,)``.
+        cumulative_barrier: ``Λ̂(β_k)`` ``(B, K)``.
+        round_trips: round trips per chain column ``(B, C)`` int64.
+        restarts: tempered restarts per chain column ``(B, C)`` int64.
+        log_z: forward stepping-stone log Ẑ ``(B,)``; ``log_z_se`` its standard error.
+        log_z_backward: backward stepping-stone estimate ``(B,)``; ``log_z_backward_se``.
+        mala_accept: MALA acceptance per level ``(B, K)`` (NaN at a level redrawn i.i.d.).
+        energy: mean ``−log γ`` over the chains per scan ``(S, B, K)``.
+        samples: every scan's states ``(S, K, B, C, D)`` when recorded, else None.
+        seconds: wall time of the round (the device is synchronized at its end).
+    """
+
+    round: int
+    scans: int
+    betas: torch.Tensor
+    step_size: torch.Tensor
+    adapted: bool
+    swap_accept: torch.Tensor
+    swap_accept_se: torch.Tensor
+    swap_accept_empirical: torch.Tensor
+    barrier: torch.Tensor
+    barrier_se: torch.Tensor
+    cumulative_barrier: torch.Tensor
+    round_trips: torch.Tensor
+    restarts: torch.Tensor
+    log_z: torch.Tensor
+    log_z_se: torch.Tensor
+    log_z_backward: torch.Tensor
+    log_z_backward_se: torch.Tensor
+    mala_accept: torch.Tensor
+    energy: torch.Tensor
+    samples: torch.Tensor | None
+    seconds: float
+
+    @property
+    def rejection(self) -> torch.Tensor:
+        """Rao–Blackwellized swap rejection rates ``(B, K−1)``."""
+        return 1.0 - self.swap_accept
+
+    @property
+    def round_trip_rate(self) -> torch.Tensor:
+        """Observed round trips per chain column per scan ``(B,)``."""
+        return self.round_trips.double().mean(-1) / self.scans
+
+    @property
+    def predicted_round_trip_rate(self) -> torch.Tensor:
+        """DEO round-trip rate under efficient local exploration,
+        ``1 / (2 + 2 Σ_k r_k/(1 − r_k))`` (Syed et al. 2021, Thm. 1) ``(B,)``: an upper
+        guide for the observed rate; ``1/(2 + 2Λ)`` as the schedule is refined."""
+        r = self.rejection.clamp(max=1.0 - 1e-12)
+        return 1.0 / (2.0 + 2.0 * (r / (1.0 - r)).sum(-1))
+
+    def local_barrier(self, problem: int = 0,
+                      betas: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(β, λ̂(β))``: the derivative of the monotone interpolation of the cumulative
+        barrier (on 201 points by default)."""
+        b = self.betas[problem].numpy()
+        f = MonotoneCubic(b, self.cumulative_barrier[problem].numpy())
+        grid = np.linspace(0.0, 1.0, 201) if betas is None else np.asarray(betas)
+        return grid, f.derivative(grid)
+
+    def level_samples(self, level: int, problem: int = 0) -> torch.Tensor:
+        """Recorded states of one level ``(S, C, D)``."""
+        if self.samples is None:
+            raise ValueError("samples were not recorded (run the round with record=True)")
+        return self.samples[:, level, problem]
+
+    def line(self) -> str:
+        """One line of the per-round report (means over problems)."""
+        rt = self.round_trips.double().sum(-1).mean().item()
+        rs = self.restarts.double().sum(-1).mean().item()
+        acc = self.swap_accept
+        ma = self.mala_accept[:, 1:] if self.mala_accept[:, 0].isnan().all() else self.mala_accept
+        return (f"{self.round:>5d} {self.scans:>7d} {self.barrier.mean().item():>7.3f} "
+                f"{self.barrier_se.mean().item():>6.3f} {self.log_z.mean().item():>10.4f} "
+                f"{self.log_z_se.mean().item():>8.4f} {acc.min().item():>6.3f} "
+                f"{acc.mean().item():>6.3f} {rt:>8.0f} {rs:>8.0f} "
+                f"{ma.min().item():>6.3f} {ma.max().item():>6.3f} {self.seconds:>7.2f}")
+
+    @staticmethod
+    def header() -> str:
+        return (f"{'round':>5} {'scans':>7} {'Λ':>7} {'±':>6} {'log Z':>10} {'±':>8} "
+                f"{'swap':>6} {'acc':>6} {'trips':>8} {'restart':>8} {'mala':>6} "
+                f"{'acc':>6} {'sec':>7}\n"
+                f"{'':>5} {'':>7} {'':>7} {'':>6} {'':>10} {'':>8} {'min':>6} {'mean':>6} "
+                f"{'':>8} {'':>8} {'min':>6} {'max':>6} {'':>7}")
+
+
+@dataclass
+class PTResult:
+    """What :func:`parallel_tempering` returns.
+
+    Attributes:
+        rounds: one :class:`RoundStats` per round.
+        states: final states ``(K, B, C, D)``.
+        betas: the schedule of the last round ``(B, K)`` (CPU float64).
+        step_size: step sizes of the last round ``(B, K)``.
+        ref_log_z: log normalizer of the reference (0 for a normalized reference).
+        target_evals: target (value + gradient) evaluations per replica.
+        schedules: the schedule each round ran with, ``(B, K)`` per round.
+    """
+
+    rounds: list[RoundStats]
+    states: torch.Tensor
+    betas: torch.Tensor
+    step_size: torch.Tensor
+    ref_log_z: float
+    target_evals: int
+    schedules: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def last(self) -> RoundStats:
+        return self.rounds[-1]
+
+    @property
+    def log_z(self) -> torch.Tensor:
+        """Forward stepping-stone log Ẑ of the last round ``(B,)``."""
+        return self.last.log_z
+
+    @property
+    def barrier(self) -> torch.Tensor:
+        """Λ̂ of the last round ``(B,)``."""
+        return self.last.barrier
+
+    def summary(self) -> str:
+        """The per-round report as a string."""
+        b, k = self.betas.shape
+        c = self.states.shape[2]
+        head = (f"parallel tempering: {b} problem(s) × {k} levels × {c} chains, "
+                f"{sum(r.scans for r in self.rounds)} scans, {self.target_evals} target "
+                f"evaluations per replica")
+        lines = [head, RoundStats.header()] + [r.line() for r in self.rounds]
+        lam = self.last.barrier.mean().item()
+        lines.append(f"  last round: Λ = {lam:.3f}, round trips per column per scan "
+                     f"{self.last.round_trip_rate.mean().item():.4f} (DEO under efficient "
+                     f"local exploration: {self.last.predicted_round_trip_rate.mean().item():.4f}"
+                     f"; 1/(2+2Λ) = {1.0 / (2.0 + 2.0 * lam):.4f})")
+        return "\n".join(lines)
+
+    def plot(self, path: str, problem: int = 0) -> str:
+        """Write a PNG of the local barrier λ(β) and the schedule of the last round.
+
+        Left: λ̂(β) (derivative of the interpolated cumulative barrier) and the per-pair
+        estimates r̂_k/(β_{k+1} − β_k); right: Λ̂(β) with the schedule's β_k marked.
+        Returns ``path``. Needs matplotlib (Agg backend, no display).
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        st = self.last
+        betas = st.betas[problem].numpy()
+        cum = st.cumulative_barrier[problem].numpy()
+        grid, lam = st.local_barrier(problem)
+        rej = st.rejection[problem].numpy()
+        mids = 0.5 * (betas[1:] + betas[:-1])
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        ax1.plot(grid, lam, label="λ̂(β) (interpolated)")
+        ax1.plot(mids, rej / np.diff(betas), "o", ms=4, label="r̂_k / Δβ_k")
+        ax1.set_xlabel("β")
+        ax1.set_ylabel("local barrier λ(β)")
+        ax1.set_yscale("log")
+        ax1.legend()
+        f = MonotoneCubic(betas, cum)
+        ax2.plot(grid, f(grid), label=f"Λ̂(β), Λ = {cum[-1]:.3f}")
+        ax2.plot(betas, cum, "o", ms=4, label="schedule β_k")
+        for bk in betas:
+            ax2.axvline(bk, color="0.85", lw=0.6, zorder=0)
+        ax2.set_xlabel("β")
+        ax2.set_ylabel("cumulative barrier Λ(β)")
+        ax2.legend()
+        fig.suptitle(f"round {st.round}: {len(betas)} levels, problem {problem}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the sampler
+
+
+class ParallelTempering:
+    """A batch of PT systems: K levels × C chains × B problems (see the module docstring).
+
+    Args:
+        target: unnormalized target γ: an object with ``log_prob_and_grad(x)`` (and ``dim``)
+            or a callable ``x ↦ (log γ(x), ∇log γ(x))``; ``x`` is ``(..., B, C, D)`` with the
+            problem index at dimension −3 (per-problem parameters broadcast as ``(B, 1, D)``;
+            see :class:`PerProblemTarget`), returning ``(...)`` and ``(..., D)``.
+        reference: the reference, same interface; default ``N(0, I)``
+            (:class:`pathsmc.targets.boltzmann.DiagonalGaussian`). If it has
+            ``sample(shape, generator)`` returning ``(*shape, D)`` for ``shape = (B, C)``,
+            level 0 can be redrawn exactly (``reference_iid``).
+        num_levels: K >= 2 (ignored when ``betas`` is given).
+        num_chains: C, independent PT systems per problem.
+        num_problems: B.
+        dim: D (default: ``target.dim`` or ``reference.dim``).
+        betas: initial schedule ``(K,)`` or ``(B, K)``, strictly increasing from 0 to 1
+            (default: equally spaced).
+        step_size: initial MALA step h, a float, ``(K,)`` or ``(B, K)`` (default
+            ``0.5·D^(−1/3)`` times the mean reference variance when known, else 0.1).
+        local_steps: MALA moves per level per scan.
+        swap: ``"deo"`` (default) or ``"seo"``.
+        reference_iid: redraw level 0 from the reference every scan (default: when the
+            reference has ``sample``).
+        ref_log_z: log normalizer of the reference (default 0: normalized).
+        target_accept: MALA acceptance the step adaptation aims at (0.574).
+        adapt_rate: gain of the step-size adaptation of log h.
+        init: initial states ``(K, B, C, D)``, ``(B, C, D)`` or ``(C, D)`` (broadcast to every
+            level); default: draws from the reference (standard normals without ``sample``).
+        dtype: state dtype (float32 or float64); log-densities are float64.
+        device: where to run (default: the reference's device, else CPU).
+        generator: seeds every device draw (MALA noise and uniforms, swap uniforms, reference
+            draws); the host RNG of SEO parities is seeded from it too.
+    """
+
+    def __init__(
+        self,
+        target,
+        reference=None,
+        *,
+        num_levels: int = 16,
+        num_chains: int = 32,
+        num_problems: int = 1,
+        dim: int | None = None,
+        betas: torch.Tensor | np.ndarray | list[float] | None = None,
+        step_size: float | torch.Tensor | None = None,
+        local_steps: int = 1,
+        swap: str = "deo",
+        reference_iid: bool | None = None,
+        ref_log_z: float = 0.0,
+        target_accept: float = 0.574,
+        adapt_rate: float = 0.5,
+        init: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if dim is None:
+            dim = getattr(target, "dim", None) or getattr(reference, "dim", None)
+            if dim is None and init is not None:
+                dim = init.shape[-1]
+        if dim is None:
+            raise ValueError("dim: cannot infer D (give dim=, init= or a target with .dim)")
+        self.dim = int(dim)
+        if reference is None:
+            from pathsmc.targets.boltzmann import DiagonalGaussian
+
+            reference = DiagonalGaussian(self.dim, device=device)
+        if device is None:
+            mean = getattr(reference, "mean", None)
+            device = mean.device if isinstance(mean, torch.Tensor) else torch.device("cpu")
+        self.device = torch.device(device)
+        self.target, self.reference = target, reference
+        if swap not in _SWAPS:
+            raise ValueError(f"swap: expected one of {_SWAPS}, got {swap!r}")
+        if local_steps < 1 or num_chains < 1 or num_problems < 1:
+            raise ValueError("local_steps, num_chains and num_problems must be >= 1")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+        self.swap, self.local_steps = swap, int(local_steps)
+        self.target_accept, self.adapt_rate = float(target_accept), float(adapt_rate)
+        self.ref_log_z = float(ref_log_z)
+        self.B, self.C, self.dtype = int(num_problems), int(num_chains), dtype
+        self.generator = generator
+        seed = generator.initial_seed() if generator is not None else torch.initial_seed()
+        self._host_rng = random.Random(seed ^ 0x5EED)
+        self.scan_count = 0
+        self.round_count = 0
+        self.target_evals = 0
+        can_sample = _can_sample(reference, self.B, self.C, generator)
+        if reference_iid is None:
+            reference_iid = can_sample
+        elif reference_iid and not can_sample:
+            raise ValueError("reference_iid: the reference has no sample(shape, generator)")
+        self.reference_iid = bool(reference_iid)
+
+        # schedule (B, K) on the host (float64) and on the device as (K, B)
+        if betas is None:
+            if num_levels < 2:
+                raise ValueError(f"num_levels: expected K >= 2, got {num_levels}")
+            betas = np.linspace(0.0, 1.0, int(num_levels))
+        self.set_schedule(betas)
+        k = self.K
+        if step_size is None:
+            var = getattr(reference, "variance", None)
+            base = (0.5 * float(torch.as_tensor(var).double().mean()) * self.dim ** (-1 / 3)
+                    if var is not None else 0.1)
+            step_size = base
+        h = torch.as_tensor(step_size, dtype=torch.float64).cpu()
+        if h.dim() > 2 or (h.dim() >= 1 and h.shape[-1] != k) or (h.dim() == 2
+                                                                 and h.shape[0] != self.B):
+            raise ValueError(f"step_size: expected a float, ({k},) or ({self.B}, {k}), got "
+                             f"shape {tuple(h.shape)}")
+        h = h.expand(self.B, k)
+        if not bool((h > 0).all()):
+            raise ValueError("step_size: expected positive step sizes")
+        self._log_h = torch.log(h).T.contiguous().to(self.device)  # (K, B)
+
+        # initial states
+        if init is None:
+            if can_sample:
+                x0 = self._ref_sample((k,))
+            else:
+                x0 = torch.randn(k, self.B, self.C, self.dim, dtype=dtype, device=self.device,
+                                 generator=generator)
+        else:
+            x0 = init.to(device=self.device, dtype=dtype)
+            x0 = torch.broadcast_to(x0, (k, self.B, self.C, self.dim))
+        self.x = x0.contiguous()
+        self.lt, self.gt = self._eval_target(self.x)
+        self.lr, self.gr = _eval(reference, self.x)
+        self.phase = torch.zeros(k, self.B * self.C, dtype=torch.int8, device=self.device)
+
+    # ---- setup helpers ----
+
+    @property
+    def K(self) -> int:
+        return self.betas_host.shape[1]
+
+    @property
+    def step_size(self) -> torch.Tensor:
+        """Current MALA step sizes ``(B, K)`` (reads the device)."""
+        return self._log_h.exp().T.cpu()
+
+    def set_schedule(self, betas) -> None:
+        """Replace the schedule (``(K,)`` or ``(B, K)``; K may change only before the states
+        exist)."""
+        b = torch.as_tensor(np.asarray(betas, dtype=np.float64)).reshape(-1, np.shape(betas)[-1])
+        b = b.expand(self.B, b.shape[-1]).clone()
+        if b.shape[-1] < 2:
+            raise ValueError("betas: expected at least 2 levels")
+        if not (bool((b[:, 0] == 0).all()) and bool((b[:, -1] == 1).all())
+                and bool((b.diff(dim=-1) > 0).all())):
+            raise ValueError("betas: expected a strictly increasing schedule from 0 to 1")
+        if hasattr(self, "x") and b.shape[-1] != self.x.shape[0]:
+            raise ValueError(f"betas: the sampler has {self.x.shape[0]} levels, got "
+                             f"{b.shape[-1]}")
+        self.betas_host = b
+        self._betas = b.T.contiguous().to(self.device)  # (K, B) float64
+
+    def _ref_sample(self, lead: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(lead)
+        s = self.reference.sample((n, self.B, self.C), generator=self.generator)
+        return s.to(device=self.device, dtype=self.dtype).reshape(*lead, self.B, self.C,
+                                                                  self.dim)
+
+    def _eval_target(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _eval(self.target, x)
+
+    # ---- one scan ----
+
+    def _local_moves(self, acc_sum: torch.Tensor, adapt: bool) -> None:
+        """``local_steps`` MALA moves at every level (from level 1 when level 0 is i.i.d.)."""
+        lo = 1 if self.reference_iid else 0
+        kk, b, c, d = self.K - lo, self.B, self.C, self.dim
+        rows = kk * b
+        x, lt, lr, gt, gr = (t[lo:] for t in (self.x, self.lt, self.lr, self.gt, self.gr))
+        beta = self._betas[lo:]  # (kk, B)
+        b3, b4 = beta.unsqueeze(-1), beta.to(self.dtype).unsqueeze(-1).unsqueeze(-1)
+        logp = torch.lerp(lr, lt, b3)
+        grad = torch.lerp(gr, gt, b4)
+        for _ in range(self.local_steps):
+            log_h = self._log_h[lo:]
+            h = log_h.exp()
+            h4 = h.to(self.dtype).reshape(kk, b, 1, 1)
+            eps = torch.randn(x.shape, dtype=self.dtype, device=self.device,
+                              generator=self.generator)
+            x_prop, _ = ops.em_step(x.reshape(rows, c, d), (grad * h4).reshape(rows, c, d),
+                                    dt=1.0, sigma=_SQRT2,
+                                    noise=(eps * h4.sqrt()).reshape(rows, c, d))
+            x_prop = x_prop.view(kk, b, c, d)
+            lt_p, gt_p = self._eval_target(x_prop)
+            lr_p, gr_p = _eval(self.reference, x_prop)
+            logp_p = torch.lerp(lr_p, lt_p, b3)
+            grad_p = torch.lerp(gr_p, gt_p, b4)
+            xo, lpo, go, acc = ops.mala_accept(
+                x.reshape(rows, c, d), x_prop.reshape(rows, c, d), logp.reshape(rows, c),
+                logp_p.reshape(rows, c), grad.reshape(rows, c, d), grad_p.reshape(rows, c, d),
+                h.reshape(rows), generator=self.generator)
+            acc = acc.view(kk, b, c)
+            a4 = acc.unsqueeze(-1)
+            x, logp, grad = xo.view(kk, b, c, d), lpo.view(kk, b, c), go.view(kk, b, c, d)
+            lt, lr = torch.where(acc, lt_p, lt), torch.where(acc, lr_p, lr)
+            gt, gr = torch.where(a4, gt_p, gt), torch.where(a4, gr_p, gr)
+            rate = acc.sum(-1, dtype=torch.float64)  # (kk, B)
+            acc_sum[lo:] += rate
+            if adapt and self.adapt_rate:
+                new = log_h + self.adapt_rate * (rate / c - self.target_accept)
+                self._log_h[lo:] = new.clamp(-30.0, 10.0)
+        self.target_evals += self.local_steps
+        if lo:
+            x0 = self._ref_sample((1,))
+            lt0, gt0 = self._eval_target(x0)
+            lr0, gr0 = _eval(self.reference, x0)
+            x, lt, lr = torch.cat([x0, x]), torch.cat([lt0, lt]), torch.cat([lr0, lr])
+            gt, gr = torch.cat([gt0, gt]), torch.cat([gr0, gr])
+        self.x, self.lt, self.lr, self.gt, self.gr = x, lt, lr, gt, gr
+
+    def _parity(self) -> int:
+        if self.swap == "deo":
+            return self.scan_count % 2
+        return self._host_rng.getrandbits(1)
+
+    def _communicate(self, acc: dict[str, torch.Tensor], attempts: np.ndarray) -> None:
+        """One swap step; updates phases, round trips and the swap / stepping-stone sums."""
+        k, b, c, d = self.K, self.B, self.C, self.dim
+        bc = b * c
+        ell = self.lt - self.lr  # (K, B, C)
+        log_ratio = swap_log_ratio(self._betas, ell).reshape(k - 1, bc)
+        parity = self._parity()
+        attempts[parity::2] += 1
+        states = [self.x.view(k, bc, d), self.lt.view(k, bc), self.lr.view(k, bc),
+                  self.gt.view(k, bc, d), self.gr.view(k, bc, d), self.phase]
+        (x, lt, lr, gt, gr, phase), accepted, _ = ops.replica_swap(
+            states, log_ratio, parity, generator=self.generator)
+        self.x, self.lt, self.lr = x.view(k, b, c, d), lt.view(k, b, c), lr.view(k, b, c)
+        self.gt, self.gr = gt.view(k, b, c, d), gr.view(k, b, c, d)
+        # Round trips / restarts: phase 0 → 1 at the reference, 1 → 2 at the target.
+        p0, pt = phase[0], phase[-1]
+        acc["trips"] += p0 == 2
+        acc["restarts"] += pt == 1
+        phase[0] = 1
+        phase[-1] = torch.where(pt == 1, torch.full_like(pt, 2), pt)
+        self.phase = phase
+        acc["swap_rb"] += torch.nan_to_num(log_ratio.clamp(max=0.0).exp(), nan=0.0)
+        acc["swap_acc"] += accepted
+        # Stepping stone on the post-swap states (each level still holds a π_k sample).
+        ell = (self.lt - self.lr).reshape(k, bc)
+        dbeta = (self._betas[1:] - self._betas[:-1]).repeat_interleave(c, dim=1)  # (K-1, BC)
+        acc["ss_fwd"] = torch.logaddexp(acc["ss_fwd"], dbeta * ell[:-1])
+        acc["ss_bwd"] = torch.logaddexp(acc["ss_bwd"], -dbeta * ell[1:])
+        self.scan_count += 1
+
+    # ---- rounds ----
+
+    def run_round(self, scans: int | None = None, *, adapt_step: bool = True,
+                  record: bool = False) -> RoundStats:
+        """Run one round of ``scans`` scans (default ``2^round``) with the current schedule.
+
+        Nothing is read from the device until the round ends. Returns its
+        :class:`RoundStats` (the schedule is not changed here: see :meth:`adapt_schedule`).
+        """
+        scans = 2 ** self.round_count if scans is None else int(scans)
+        if scans < 1:
+            raise ValueError(f"scans: expected >= 1, got {scans}")
+        acc = self._new_accumulators()
+        energy, samples = [], []
+        t0 = time.perf_counter()
+        for _ in range(scans):
+            self._scan(acc, adapt_step)
+            energy.append(-self.lt.mean(-1))
+            if record:
+                samples.append(self.x.clone())
+        stats = self._round_stats(acc, scans, adapt_step, energy, samples)
+        stats.seconds = time.perf_counter() - t0
+        self.round_count += 1
+        return stats
+
+    def _new_accumulators(self) -> dict:
+        """Zeroed per-round sums: device tensors, plus the host-known swap attempt counts."""
+        k, b, c = self.K, self.B, self.C
+        dev, f64 = self.device, torch.float64
+        return {
+            "swap_rb": torch.zeros(k - 1, b * c, dtype=f64, device=dev),
+            "swap_acc": torch.zeros(k - 1, b * c, dtype=torch.int64, device=dev),
+            "ss_fwd": torch.full((k - 1, b * c), -math.inf, dtype=f64, device=dev),
+            "ss_bwd": torch.full((k - 1, b * c), -math.inf, dtype=f64, device=dev),
+            "trips": torch.zeros(b * c, dtype=torch.int64, device=dev),
+            "restarts": torch.zeros(b * c, dtype=torch.int64, device=dev),
+            "mala": torch.zeros(k, b, dtype=f64, device=dev),
+            "attempts": np.zeros(k - 1, dtype=np.int64),
+        }
+
+    def _scan(self, acc: dict, adapt_step: bool) -> None:
+        """One scan: local moves, then one swap step (device work only, no host sync)."""
+        self._local_moves(acc["mala"], adapt_step)
+        self._communicate(acc, acc["attempts"])
+
+    def _round_stats(self, acc, scans, adapted, energy, samples) -> RoundStats:
+        k, b, c = self.K, self.B, self.C
+        attempts = acc["attempts"]
+        # the round's one synchronization:
+        host = {n: t.cpu() for n, t in acc.items() if isinstance(t, torch.Tensor)}
+        mala = host["mala"]
+        rb = (host["swap_rb"] / scans).reshape(k - 1, b, c)  # per column
+        swap_accept = rb.mean(-1).T.contiguous()  # (B, K-1)
+        swap_accept_se = _se(rb).T.contiguous()
+        col_barrier = (1.0 - rb).sum(0)  # (B, C)
+        barrier = col_barrier.mean(-1)
+        barrier_se = _se(col_barrier)
+        emp = host["swap_acc"].reshape(k - 1, b, c).sum(-1).double()
+        att = torch.as_tensor(attempts, dtype=torch.float64).unsqueeze(-1) * c
+        emp = torch.where(att > 0, emp / att.clamp_min(1), torch.nan).T.contiguous()
+        cum = torch.cat([torch.zeros(b, 1, dtype=torch.float64),
+                         torch.cumsum(1.0 - swap_accept, -1)], -1)
+        log_z, log_z_se = _stepping_stone(host["ss_fwd"].reshape(k - 1, b, c), scans)
+        lzb, lzb_se = _stepping_stone(host["ss_bwd"].reshape(k - 1, b, c), scans)
+        mala_acc = (mala / (scans * self.local_steps * c)).T.contiguous()
+        if self.reference_iid:
+            mala_acc[:, 0] = math.nan
+        return RoundStats(
+            round=self.round_count, scans=scans, betas=self.betas_host.clone(),
+            step_size=self.step_size, adapted=adapted, swap_accept=swap_accept,
+            swap_accept_se=swap_accept_se, swap_accept_empirical=emp, barrier=barrier,
+            barrier_se=barrier_se,
+            cumulative_barrier=cum, round_trips=host["trips"].reshape(b, c),
+            restarts=host["restarts"].reshape(b, c), log_z=self.ref_log_z + log_z,
+            log_z_se=log_z_se, log_z_backward=self.ref_log_z - lzb, log_z_backward_se=lzb_se,
+            mala_accept=mala_acc, energy=torch.stack(energy).transpose(1, 2).cpu(),
+            samples=torch.stack(samples).cpu() if samples else None, seconds=0.0)
+
+    def adapt_schedule(self, stats: RoundStats) -> torch.Tensor:
+        """Move to the schedule that equalizes the round's rejection rates (per problem) and
+        carry the step sizes over by linear interpolation of log h in β. Returns the new
+        schedule ``(B, K)``."""
+        old = self.betas_host.numpy()
+        log_h = self._log_h.T.cpu().numpy()
+        new, new_h = np.empty_like(old), np.empty_like(log_h)
+        for i in range(self.B):
+            new[i], _ = optimal_schedule(old[i], stats.rejection[i].numpy())
+            new_h[i] = np.interp(new[i], old[i], log_h[i])
+        self.set_schedule(new)
+        self._log_h = torch.as_tensor(new_h.T.copy(), device=self.device)
+        return self.betas_host.clone()
+
+    def run(self, rounds: int, *, adapt_schedule: bool = True, adapt_step: bool = True,
+            record: bool = False, report: bool = False,
+            plot: str | None = None) -> PTResult:
+        """``rounds`` rounds of 1, 2, 4, ... scans; adapt between rounds; the last round runs
+        frozen (and is recorded when ``record``). ``report`` prints a line per round;
+        ``plot`` writes the barrier/schedule PNG of the last round to that path."""
+        if rounds < 1:
+            raise ValueError(f"rounds: expected >= 1, got {rounds}")
+        out, schedules = [], []
+        if report:
+            print(RoundStats.header())
+        for r in range(rounds):
+            final = r == rounds - 1
+            schedules.append(self.betas_host.clone())
+            st = self.run_round(adapt_step=adapt_step and not final, record=record and final)
+            out.append(st)
+            if report:
+                print(st.line(), flush=True)
+            if adapt_schedule and not final:
+                self.adapt_schedule(st)
+        res = PTResult(out, self.x, out[-1].betas, out[-1].step_size, self.ref_log_z,
+                       self.target_evals, schedules)
+        if report:
+            print(res.summary().splitlines()[-1])
+        if plot is not None:
+            res.plot(plot)
+        return res
+
+
+def _can_sample(reference, b: int, c: int, generator) -> bool:
+    """Whether ``reference.sample((n, B, C), generator)`` works (one trial draw, n = 1)."""
+    if not hasattr(reference, "sample"):
+        return False
+    try:
+        reference.sample((1, b, c), generator=generator)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _se(per_column: torch.Tensor) -> torch.Tensor:
+    """Standard error of the mean over the last dim (columns); NaN with one column."""
+    c = per_column.shape[-1]
+    if c < 2:
+        return torch.full(per_column.shape[:-1], math.nan, dtype=torch.float64)
+    return per_column.double().std(-1) / math.sqrt(c)
+
+
+def _stepping_stone(log_sums: torch.Tensor, scans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stepping-stone estimate from per-column log-sums ``(K−1, B, C)`` of ``±Δβ·ℓ``.
+
+    ``Σ_k log mean_{scans, columns} exp(·)`` and its delta-method standard error: with
+    ``w_{kc}`` the column means normalized by the pair's overall mean, the error is
+    ``≈ mean_c Σ_k (w_{kc} − 1)``, so se = std_c(Σ_k w_kc)/√C (pairs of one column are
+    correlated; columns are independent).
+    """
+    c = log_sums.shape[-1]
+    col = log_sums - math.log(scans)  # log mean per column
+    pair = torch.logsumexp(col, -1) - math.log(c)  # (K-1, B)
+    total = pair.sum(0)
+    w = torch.exp(col - pair.unsqueeze(-1)).sum(0)  # (B, C)
+    return total, _se(w)
+
+
+def parallel_tempering(
+    target,
+    reference=None,
+    *,
+    rounds: int = 10,
+    adapt_schedule: bool = True,
+    adapt_step: bool = True,
+    record: bool = False,
+    report: bool = False,
+    plot: str | None = None,
+    **kwargs,
+) -> PTResult:
+    """Run non-reversible PT with schedule adaptation: ``rounds`` rounds of 1, 2, 4, ... scans.
+
+    ``kwargs`` go to :class:`ParallelTempering` (``num_levels``, ``num_chains``,
+    ``num_problems``, ``betas``, ``step_size``, ``local_steps``, ``swap``, ``reference_iid``,
+    ``ref_log_z``, ``init``, ``dtype``, ``device``, ``generator``, ...). See :meth:`run` for
+    the rest. Returns a :class:`PTResult` (the last round's estimates: ``log_z``, ``barrier``).
+    """
+    pt = ParallelTempering(target, reference, **kwargs)
+    return pt.run(rounds, adapt_schedule=adapt_schedule, adapt_step=adapt_step, record=record,
+                  report=report, plot=plot)
