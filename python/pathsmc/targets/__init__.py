@@ -1,5 +1,20 @@
-"""Ground-truth benchmark targets with exact densities, scores and normalizing constants."""
+"""Ground-truth benchmark targets with exact densities, scores and normalizing constants.
 
+- :mod:`~pathsmc.targets.gaussian_mixture`: mixtures with exact diffused scores at every t,
+  closed-form tilts, products and powers (grid answers);
+- :mod:`~pathsmc.targets.boltzmann`: many-well, funnel, 40-mode mixture (exact log Z);
+- :mod:`~pathsmc.targets.double_well`: a 1-D double well and its tempered path (quadrature);
+- :mod:`~pathsmc.targets.sequence`: a Markov token model with exact soft values (DP).
+"""
+
+from pathsmc.targets.boltzmann import (
+    BoltzmannTarget,
+    DiagonalGaussian,
+    Funnel,
+    GaussianMixture40,
+    ManyWell,
+)
+from pathsmc.targets.double_well import DoubleWell1D, TemperedPath1D
 from pathsmc.targets.gaussian_mixture import (
     DiffusedGaussianMixture,
     GaussianMixture,
@@ -9,13 +24,24 @@ from pathsmc.targets.gaussian_mixture import (
     geometric_product,
     mixture_product,
 )
+from pathsmc.targets.sequence import MarkovSequence, TwistedSequenceSMC, twisted_smc
 
 __all__ = [
+    "BoltzmannTarget",
+    "DiagonalGaussian",
     "DiffusedGaussianMixture",
+    "DoubleWell1D",
+    "Funnel",
     "GaussianMixture",
+    "GaussianMixture40",
     "GridTarget",
+    "ManyWell",
+    "MarkovSequence",
+    "TemperedPath1D",
     "Tilt",
+    "TwistedSequenceSMC",
     "default_2d",
     "geometric_product",
     "mixture_product",
+    "twisted_smc",
 ]
