@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/common.h"
 #include "pathsmc/gaussian.h"
 #include "pathsmc/philox.h"
@@ -53,27 +54,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mala_accept_cpu(
     const at::Tensor& lpp_in, const at::Tensor& g_in, const at::Tensor& gp_in,
     const at::Tensor& step_in, const std::optional<at::Tensor>& uniforms,
     const std::optional<at::Generator>& generator) {
-  TORCH_CHECK(x_in.dim() == 3, "mala_accept: x must be (B, N, D), got ", x_in.sizes());
-  for (const auto* t : {&xp_in, &g_in, &gp_in})
-    TORCH_CHECK(t->sizes() == x_in.sizes() && t->scalar_type() == x_in.scalar_type(),
-                "mala_accept: x_prop, grad and grad_prop must match x in shape and dtype");
-  const int64_t B = x_in.size(0), N = x_in.size(1);
-  TORCH_CHECK(lp_in.dim() == 2 && lp_in.size(0) == B && lp_in.size(1) == N,
-              "mala_accept: logp must be (B, N)");
-  TORCH_CHECK(lpp_in.sizes() == lp_in.sizes() && lpp_in.scalar_type() == lp_in.scalar_type(),
-              "mala_accept: logp_prop must match logp");
-  TORCH_CHECK(step_in.numel() == B, "mala_accept: step must have one entry per row (B,)");
-  const at::Tensor x = x_in.contiguous(), xp = xp_in.contiguous(), g = g_in.contiguous(),
-                   gp = gp_in.contiguous(), lp = lp_in.contiguous(), lpp = lpp_in.contiguous();
-  const at::Tensor step = step_in.to(at::kDouble).contiguous();
-  at::Tensor u;
+  const MalaInputs in = check_mala(x_in, xp_in, lp_in, lpp_in, g_in, gp_in, step_in, uniforms);
+  const at::Tensor &x = in.x, &xp = in.x_prop, &g = in.grad, &gp = in.grad_prop, &lp = in.logp,
+                   &lpp = in.logp_prop, &step = in.step, &u = in.uniforms;
   uint64_t seed = 0, offset = 0;
-  if (uniforms.has_value()) {
-    TORCH_CHECK(uniforms->sizes() == lp.sizes(), "mala_accept: uniforms must be (B, N)");
-    u = uniforms->to(at::kDouble).contiguous();
-  } else {
-    std::tie(seed, offset) = philox_key(generator);
-  }
+  if (!u.defined()) std::tie(seed, offset) = philox_key(generator);
   const double* up = u.defined() ? u.data_ptr<double>() : nullptr;
   at::Tensor xo = at::empty_like(x), go = at::empty_like(g), lpo = at::empty_like(lp);
   at::Tensor acc = at::empty(lp.sizes(), lp.options().dtype(at::kBool));
@@ -81,7 +66,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mala_accept_cpu(
     if (lp.scalar_type() == at::kDouble) {
       mala_rows<scalar_t, double>(x, xp, lp, lpp, g, gp, step, up, seed, offset, xo, lpo, go, acc);
     } else {
-      TORCH_CHECK(lp.scalar_type() == at::kFloat, "mala_accept: logp must be float32/64");
       mala_rows<scalar_t, float>(x, xp, lp, lpp, g, gp, step, up, seed, offset, xo, lpo, go, acc);
     }
   });
@@ -91,19 +75,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mala_accept_cpu(
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> replica_swap_cpu(
     at::TensorList states, const at::Tensor& log_ratio_in, int64_t parity,
     const std::optional<at::Tensor>& uniforms, const std::optional<at::Generator>& generator) {
-  TORCH_CHECK(log_ratio_in.dim() == 2 && log_ratio_in.size(0) >= 1,
-              "replica_swap: log_ratio must be (K-1, C) with K >= 2, got ", log_ratio_in.sizes());
-  const int64_t Km1 = log_ratio_in.size(0), C = log_ratio_in.size(1), K = Km1 + 1;
-  const at::Tensor lr = log_ratio_in.to(at::kDouble).contiguous();
-  at::Tensor u;
+  const auto [lr, u] = check_replica_swap(log_ratio_in, uniforms);
+  const int64_t Km1 = lr.size(0), C = lr.size(1), K = Km1 + 1;
+  check_states(states, K, C, log_ratio_in.device(), "replica_swap", "(K, C, ...)");
   uint64_t seed = 0, offset = 0;
-  if (uniforms.has_value()) {
-    TORCH_CHECK(uniforms->sizes() == log_ratio_in.sizes(),
-                "replica_swap: uniforms must be (K-1, C) like log_ratio");
-    u = uniforms->to(at::kDouble).contiguous();
-  } else {
-    std::tie(seed, offset) = philox_key(generator);
-  }
+  if (!u.defined()) std::tie(seed, offset) = philox_key(generator);
   at::Tensor accepted = at::zeros({Km1, C}, log_ratio_in.options().dtype(at::kBool));
   at::Tensor perm = at::empty({K, C}, log_ratio_in.options().dtype(at::kLong));
   const double* lrp = lr.data_ptr<double>();
@@ -125,9 +101,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> replica_swap_cpu(
   }
   std::vector<at::Tensor> out;
   for (const auto& s_in : states) {
-    TORCH_CHECK(s_in.dim() >= 2 && s_in.size(0) == K && s_in.size(1) == C,
-                "replica_swap: every state must be (K, C, ...) matching log_ratio, got ",
-                s_in.sizes());
     const at::Tensor s = s_in.contiguous();
     at::Tensor o = at::empty_like(s);
     const int64_t bytes = s.numel() / (K * C) * s.element_size();

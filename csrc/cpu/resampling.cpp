@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/common.h"
 #include "pathsmc/fastmath.h"
 #include "pathsmc/philox.h"
@@ -20,13 +21,6 @@
 
 namespace pathsmc::cpu {
 namespace {
-
-Scheme scheme_or_throw(const std::string& name) {
-  Scheme s;
-  TORCH_CHECK(parse_scheme(name, &s), "resample: unknown scheme '", name,
-              "'; expected systematic, stratified, multinomial or residual");
-  return s;
-}
 
 // Where a row's uniforms come from: an explicit (B,) or (B, M) float64 tensor, or Philox.
 struct Uniforms {
@@ -42,18 +36,12 @@ struct Uniforms {
 };
 
 Uniforms make_uniforms(const std::optional<at::Tensor>& uniforms, at::Tensor& holder,
-                       Scheme scheme, int64_t B, int64_t M,
+                       Scheme scheme, int64_t B, int64_t M, const at::Tensor& logw,
                        const std::optional<at::Generator>& gen) {
   Uniforms u;
   u.row_stride = scheme == Scheme::kSystematic ? 1 : M;
   if (uniforms.has_value()) {
-    const bool ok = scheme == Scheme::kSystematic
-                        ? (uniforms->dim() == 1 && uniforms->size(0) == B)
-                        : (uniforms->dim() == 2 && uniforms->size(0) == B && uniforms->size(1) == M);
-    TORCH_CHECK(ok, "resample: uniforms must be ",
-                scheme == Scheme::kSystematic ? "(B,)" : "(B, M)", " for this scheme, got ",
-                uniforms->sizes());
-    holder = uniforms->to(at::kDouble).contiguous();
+    holder = check_resampling_uniforms(*uniforms, scheme, B, M, logw);
     u.data = holder.data_ptr<double>();
   } else {
     std::tie(u.seed, u.offset) = philox_key(gen);
@@ -257,14 +245,13 @@ double* row_scratch(int64_t N) {
 at::Tensor resample_cpu(const at::Tensor& logw_in, c10::string_view scheme_name,
                         int64_t num_samples, const std::optional<at::Tensor>& uniforms,
                         const std::optional<at::Generator>& generator) {
-  TORCH_CHECK(logw_in.dim() == 2, "resample: logw must be (B, N), got ", logw_in.sizes());
+  check_logw(logw_in, "resample");
   const int64_t B = logw_in.size(0), N = logw_in.size(1), M = num_samples;
-  TORCH_CHECK(N > 0, "resample: logw has an empty population (N = 0)");
   TORCH_CHECK(M > 0, "resample: num_samples must be positive, got ", M);
-  const Scheme scheme = scheme_or_throw(std::string(scheme_name));
+  const Scheme scheme = check_scheme(scheme_name);
   const at::Tensor logw = logw_in.contiguous();
   at::Tensor holder;
-  const Uniforms u = make_uniforms(uniforms, holder, scheme, B, M, generator);
+  const Uniforms u = make_uniforms(uniforms, holder, scheme, B, M, logw, generator);
   at::Tensor anc = at::empty({B, M}, logw.options().dtype(at::kLong));
   int64_t* ap = anc.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "pathsmc::resample", [&] {
@@ -310,21 +297,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
     at::TensorList states, const at::Tensor& logw_in, double threshold,
     c10::string_view scheme_name, const std::optional<at::Tensor>& uniforms,
     const std::optional<at::Generator>& generator) {
-  TORCH_CHECK(logw_in.dim() == 2, "adaptive_resample: logw must be (B, N), got ",
-              logw_in.sizes());
+  check_logw(logw_in, "adaptive_resample");
   const int64_t B = logw_in.size(0), N = logw_in.size(1);
-  TORCH_CHECK(N > 0, "adaptive_resample: logw has an empty population (N = 0)");
-  std::vector<at::Tensor> st;
-  for (const auto& s : states) {
-    TORCH_CHECK(s.dim() >= 2 && s.size(0) == B && s.size(1) == N,
-                "adaptive_resample: every state must be (B, N, ...) matching logw, got ",
-                s.sizes());
-    st.push_back(s);
-  }
-  const Scheme scheme = scheme_or_throw(std::string(scheme_name));
+  check_states(states, B, N, logw_in.device(), "adaptive_resample", "(B, N, ...)");
+  const std::vector<at::Tensor> st(states.begin(), states.end());
+  const Scheme scheme = check_scheme(scheme_name);
   const at::Tensor logw = logw_in.contiguous();
   at::Tensor holder;
-  const Uniforms u = make_uniforms(uniforms, holder, scheme, B, N, generator);
+  const Uniforms u = make_uniforms(uniforms, holder, scheme, B, N, logw, generator);
   at::Tensor anc = at::empty({B, N}, logw.options().dtype(at::kLong));
   at::Tensor mask = at::empty({B}, logw.options().dtype(at::kBool));
   at::Tensor logw_out = at::empty_like(logw);

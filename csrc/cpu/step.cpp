@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/common.h"
 #include "pathsmc/gaussian.h"
 #include "pathsmc/philox.h"
@@ -172,40 +173,17 @@ std::tuple<at::Tensor, at::Tensor> em_step_cpu(
     double dt, double sigma, at::TensorList ref_drifts, at::ArrayRef<double> ref_coefs,
     double fwd_coef, double fwd_linear, const std::optional<at::Tensor>& noise_in,
     const std::optional<at::Generator>& generator) {
-  TORCH_CHECK(x_in.dim() == 3, "em_step: x must be (B, N, D), got ", x_in.sizes());
-  TORCH_CHECK(drift_in.sizes() == x_in.sizes() && drift_in.scalar_type() == x_in.scalar_type(),
-              "em_step: drift must match x in shape and dtype");
-  TORCH_CHECK(ref_drifts.size() == ref_coefs.size(),
-              "em_step: ref_coefs must have one entry per ref_drifts tensor");
-  const at::Tensor x = x_in.contiguous(), drift = drift_in.contiguous();
-  std::vector<at::Tensor> refs;
-  for (const auto& r : ref_drifts) {
-    TORCH_CHECK(r.sizes() == x.sizes() && r.scalar_type() == x.scalar_type(),
-                "em_step: every ref_drifts tensor must match x in shape and dtype");
-    refs.push_back(r.contiguous());
-  }
-  at::Tensor noise;
-  if (noise_in.has_value()) {
-    TORCH_CHECK(noise_in->sizes() == x.sizes() && noise_in->scalar_type() == x.scalar_type(),
-                "em_step: noise must match x in shape and dtype");
-    noise = noise_in->contiguous();
-  }
+  const EmStepInputs in = check_em_step(x_in, drift_in, logw_in, sigma, ref_drifts, ref_coefs,
+                                        noise_in);
+  const at::Tensor &x = in.x, &drift = in.drift, &logw = in.logw, &noise = in.noise;
+  const std::vector<at::Tensor>& refs = in.refs;
   StepArgs args{dt, sigma * std::sqrt(dt), fwd_coef, fwd_linear,
                 std::vector<double>(ref_coefs.begin(), ref_coefs.end()), 0, 0};
   if (!noise.defined()) std::tie(args.seed, args.offset) = philox_key(generator);
 
   at::Tensor x_out = at::empty_like(x);
-  at::Tensor logw, logw_out;
-  if (logw_in.has_value()) {
-    TORCH_CHECK(logw_in->dim() == 2 && logw_in->size(0) == x.size(0) &&
-                    logw_in->size(1) == x.size(1),
-                "em_step: logw must be (B, N) matching x, got ", logw_in->sizes());
-    TORCH_CHECK(sigma > 0, "em_step: sigma must be > 0 when logw is given");
-    logw = logw_in->contiguous();
-    logw_out = at::empty_like(logw);
-  } else {
-    logw_out = at::empty({0}, x.options().dtype(at::kDouble));
-  }
+  at::Tensor logw_out = logw.defined() ? at::empty_like(logw)
+                                       : at::empty({0}, x.options().dtype(at::kDouble));
   const at::Tensor* np = noise.defined() ? &noise : nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pathsmc::em_step", [&] {
     if (!logw.defined()) {
@@ -213,7 +191,6 @@ std::tuple<at::Tensor, at::Tensor> em_step_cpu(
     } else if (logw.scalar_type() == at::kDouble) {
       em_step_rows<scalar_t, double>(x, drift, refs, np, &logw, x_out, &logw_out, args);
     } else {
-      TORCH_CHECK(logw.scalar_type() == at::kFloat, "em_step: logw must be float32 or float64");
       em_step_rows<scalar_t, float>(x, drift, refs, np, &logw, x_out, &logw_out, args);
     }
   });
@@ -249,20 +226,8 @@ void kernel_logpdf_rows(const at::Tensor& y, const at::Tensor& base, const at::T
 at::Tensor kernel_logpdf_cpu(const at::Tensor& y_in, const at::Tensor& base_in,
                              const std::optional<at::Tensor>& drift_in, double dt, double sigma,
                              const at::Tensor& logw_in, double coef, double linear) {
-  TORCH_CHECK(y_in.dim() == 3, "kernel_logpdf: y must be (B, N, D), got ", y_in.sizes());
-  TORCH_CHECK(base_in.sizes() == y_in.sizes() && base_in.scalar_type() == y_in.scalar_type(),
-              "kernel_logpdf: base must match y in shape and dtype");
-  TORCH_CHECK(logw_in.dim() == 2 && logw_in.size(0) == y_in.size(0) &&
-                  logw_in.size(1) == y_in.size(1),
-              "kernel_logpdf: logw must be (B, N) matching y");
-  TORCH_CHECK(sigma > 0 && dt > 0, "kernel_logpdf: dt and sigma must be > 0");
-  const at::Tensor y = y_in.contiguous(), base = base_in.contiguous(), logw = logw_in.contiguous();
-  at::Tensor drift;
-  if (drift_in.has_value()) {
-    TORCH_CHECK(drift_in->sizes() == y.sizes() && drift_in->scalar_type() == y.scalar_type(),
-                "kernel_logpdf: drift must match y in shape and dtype");
-    drift = drift_in->contiguous();
-  }
+  const KernelLogpdfInputs in = check_kernel_logpdf(y_in, base_in, drift_in, dt, sigma, logw_in);
+  const at::Tensor &y = in.y, &base = in.base, &drift = in.drift, &logw = in.logw;
   at::Tensor out = at::empty_like(logw);
   const at::Tensor* dp = drift.defined() ? &drift : nullptr;
   const double s = sigma * std::sqrt(dt);
@@ -270,7 +235,6 @@ at::Tensor kernel_logpdf_cpu(const at::Tensor& y_in, const at::Tensor& base_in,
     if (logw.scalar_type() == at::kDouble) {
       kernel_logpdf_rows<scalar_t, double>(y, base, dp, logw, out, dt, s, coef, linear);
     } else {
-      TORCH_CHECK(logw.scalar_type() == at::kFloat, "kernel_logpdf: logw must be float32/64");
       kernel_logpdf_rows<scalar_t, float>(y, base, dp, logw, out, dt, s, coef, linear);
     }
   });

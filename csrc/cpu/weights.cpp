@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "checks.h"
 #include "cpu/common.h"
 #include "pathsmc/fastmath.h"
 
@@ -58,8 +59,7 @@ void normalize_rows(const at::Tensor& logw, at::Tensor& lwn, at::Tensor& log_mea
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_cpu(const at::Tensor& logw_in) {
-  TORCH_CHECK(logw_in.dim() == 2, "normalize: logw must be (B, N), got ", logw_in.sizes());
-  TORCH_CHECK(logw_in.size(1) > 0, "normalize: logw has an empty population (N = 0)");
+  check_logw(logw_in, "normalize");
   const at::Tensor logw = logw_in.contiguous();
   at::Tensor lwn = at::empty_like(logw);
   at::Tensor log_mean = at::empty({logw.size(0)}, logw.options());

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "cuda/common.cuh"
 #include "pathsmc/fastmath.h"
 #include "pathsmc/philox.h"
@@ -248,13 +249,6 @@ __global__ void search_kernel(const double* __restrict__ cum, const double* __re
   }
 }
 
-Scheme scheme_or_throw(c10::string_view name) {
-  Scheme s;
-  TORCH_CHECK(parse_scheme(std::string(name), &s), "resample: unknown scheme '", std::string(name),
-              "'; expected systematic, stratified, multinomial or residual");
-  return s;
-}
-
 // Runs the pipeline; returns ancestors (B, M) and fills rs (go, log_mean, ...).
 at::Tensor ancestors(const at::Tensor& logw, Scheme scheme, int64_t M,
                      const std::optional<at::Tensor>& uniforms,
@@ -281,12 +275,7 @@ at::Tensor ancestors(const at::Tensor& logw, Scheme scheme, int64_t M,
   Uniforms u{nullptr, scheme == Scheme::kSystematic ? 1 : M, at::PhiloxCudaState()};
   at::Tensor u_holder;
   if (uniforms.has_value()) {
-    const bool ok = scheme == Scheme::kSystematic
-                        ? (uniforms->dim() == 1 && uniforms->size(0) == B)
-                        : (uniforms->dim() == 2 && uniforms->size(0) == B && uniforms->size(1) == M);
-    TORCH_CHECK(ok, "resample: uniforms must be ", scheme == Scheme::kSystematic ? "(B,)" : "(B, M)",
-                " for this scheme, got ", uniforms->sizes());
-    u_holder = uniforms->to(at::kDouble).contiguous();
+    u_holder = check_resampling_uniforms(*uniforms, scheme, B, M, logw);
     u.data = u_holder.data_ptr<double>();
   } else {
     u.rng = philox_state(generator);
@@ -333,11 +322,10 @@ at::Tensor ancestors(const at::Tensor& logw, Scheme scheme, int64_t M,
 at::Tensor resample_cuda(const at::Tensor& logw_in, c10::string_view scheme_name,
                          int64_t num_samples, const std::optional<at::Tensor>& uniforms,
                          const std::optional<at::Generator>& generator) {
-  TORCH_CHECK(logw_in.dim() == 2, "resample: logw must be (B, N), got ", logw_in.sizes());
-  TORCH_CHECK(logw_in.size(1) > 0, "resample: logw has an empty population (N = 0)");
+  check_logw(logw_in, "resample");
   TORCH_CHECK(num_samples > 0, "resample: num_samples must be positive, got ", num_samples);
   const c10::cuda::CUDAGuard guard(logw_in.device());
-  const Scheme scheme = scheme_or_throw(scheme_name);
+  const Scheme scheme = check_scheme(scheme_name);
   at::Tensor row_buf, go;
   // threshold 1: every live row resamples; dead rows get arange(M) % N
   return ancestors(logw_in.contiguous(), scheme, num_samples, uniforms, generator, 1.0, row_buf,
@@ -400,16 +388,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
     at::TensorList states, const at::Tensor& logw_in, double threshold,
     c10::string_view scheme_name, const std::optional<at::Tensor>& uniforms,
     const std::optional<at::Generator>& generator) {
-  TORCH_CHECK(logw_in.dim() == 2, "adaptive_resample: logw must be (B, N), got ",
-              logw_in.sizes());
-  const int64_t B = logw_in.size(0), N = logw_in.size(1);
-  TORCH_CHECK(N > 0, "adaptive_resample: logw has an empty population (N = 0)");
-  for (const auto& s : states)
-    TORCH_CHECK(s.dim() >= 2 && s.size(0) == B && s.size(1) == N && s.device() == logw_in.device(),
-                "adaptive_resample: every state must be (B, N, ...) on logw's device, got ",
-                s.sizes());
+  check_logw(logw_in, "adaptive_resample");
+  const int64_t N = logw_in.size(1);
+  check_states(states, logw_in.size(0), N, logw_in.device(), "adaptive_resample",
+               "(B, N, ...)");
   const c10::cuda::CUDAGuard guard(logw_in.device());
-  const Scheme scheme = scheme_or_throw(scheme_name);
+  const Scheme scheme = check_scheme(scheme_name);
   const at::Tensor logw = logw_in.contiguous();
   at::Tensor row_buf, go;
   at::Tensor anc = ancestors(logw, scheme, N, uniforms, generator, threshold, row_buf, go);

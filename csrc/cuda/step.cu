@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "checks.h"
 #include "cuda/common.cuh"
 #include "pathsmc/gaussian.h"
 #include "pathsmc/philox.h"
@@ -122,39 +123,16 @@ std::tuple<at::Tensor, at::Tensor> em_step_cuda(
     double dt, double sigma, at::TensorList ref_drifts, at::ArrayRef<double> ref_coefs,
     double fwd_coef, double fwd_linear, const std::optional<at::Tensor>& noise_in,
     const std::optional<at::Generator>& generator) {
-  TORCH_CHECK(x_in.dim() == 3, "em_step: x must be (B, N, D), got ", x_in.sizes());
-  TORCH_CHECK(drift_in.sizes() == x_in.sizes() && drift_in.scalar_type() == x_in.scalar_type(),
-              "em_step: drift must match x in shape and dtype");
-  TORCH_CHECK(ref_drifts.size() == ref_coefs.size(),
-              "em_step: ref_coefs must have one entry per ref_drifts tensor");
   TORCH_CHECK(static_cast<int>(ref_drifts.size()) <= kMaxRefs, "em_step: at most ", kMaxRefs,
               " ref_drifts on CUDA, got ", ref_drifts.size());
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), drift = drift_in.contiguous();
-  std::vector<at::Tensor> refs;
-  for (const auto& r : ref_drifts) {
-    TORCH_CHECK(r.sizes() == x.sizes() && r.scalar_type() == x.scalar_type(),
-                "em_step: every ref_drifts tensor must match x in shape and dtype");
-    refs.push_back(r.contiguous());
-  }
-  at::Tensor noise;
-  if (noise_in.has_value()) {
-    TORCH_CHECK(noise_in->sizes() == x.sizes() && noise_in->scalar_type() == x.scalar_type(),
-                "em_step: noise must match x in shape and dtype");
-    noise = noise_in->contiguous();
-  }
+  const EmStepInputs in = check_em_step(x_in, drift_in, logw_in, sigma, ref_drifts, ref_coefs,
+                                        noise_in);
+  const at::Tensor &x = in.x, &drift = in.drift, &logw = in.logw, &noise = in.noise;
+  const std::vector<at::Tensor>& refs = in.refs;
   at::Tensor x_out = at::empty_like(x);
-  at::Tensor logw, logw_out;
-  if (logw_in.has_value()) {
-    TORCH_CHECK(logw_in->dim() == 2 && logw_in->size(0) == x.size(0) &&
-                    logw_in->size(1) == x.size(1),
-                "em_step: logw must be (B, N) matching x, got ", logw_in->sizes());
-    TORCH_CHECK(sigma > 0, "em_step: sigma must be > 0 when logw is given");
-    logw = logw_in->contiguous();
-    logw_out = at::empty_like(logw);
-  } else {
-    logw_out = at::empty({0}, x.options().dtype(at::kDouble));
-  }
+  at::Tensor logw_out = logw.defined() ? at::empty_like(logw)
+                                       : at::empty({0}, x.options().dtype(at::kDouble));
   if (x.numel() == 0) return {x_out, logw_out};
   const at::PhiloxCudaState rng = noise.defined() ? at::PhiloxCudaState() : philox_state(generator);
   double coef_total = fwd_coef;
@@ -183,7 +161,6 @@ std::tuple<at::Tensor, at::Tensor> em_step_cuda(
     } else if (logw.scalar_type() == at::kDouble) {
       launch_em_step<scalar_t, double>(a, logw.data_ptr<double>(), logw_out.data_ptr<double>(), rng);
     } else {
-      TORCH_CHECK(logw.scalar_type() == at::kFloat, "em_step: logw must be float32 or float64");
       launch_em_step<scalar_t, float>(a, logw.data_ptr<float>(), logw_out.data_ptr<float>(), rng);
     }
   });
@@ -244,21 +221,9 @@ void launch_kernel_logpdf(const at::Tensor& y, const at::Tensor& base, const at:
 at::Tensor kernel_logpdf_cuda(const at::Tensor& y_in, const at::Tensor& base_in,
                               const std::optional<at::Tensor>& drift_in, double dt, double sigma,
                               const at::Tensor& logw_in, double coef, double linear) {
-  TORCH_CHECK(y_in.dim() == 3, "kernel_logpdf: y must be (B, N, D), got ", y_in.sizes());
-  TORCH_CHECK(base_in.sizes() == y_in.sizes() && base_in.scalar_type() == y_in.scalar_type(),
-              "kernel_logpdf: base must match y in shape and dtype");
-  TORCH_CHECK(logw_in.dim() == 2 && logw_in.size(0) == y_in.size(0) &&
-                  logw_in.size(1) == y_in.size(1),
-              "kernel_logpdf: logw must be (B, N) matching y");
-  TORCH_CHECK(sigma > 0 && dt > 0, "kernel_logpdf: dt and sigma must be > 0");
   const c10::cuda::CUDAGuard guard(y_in.device());
-  const at::Tensor y = y_in.contiguous(), base = base_in.contiguous(), logw = logw_in.contiguous();
-  at::Tensor drift;
-  if (drift_in.has_value()) {
-    TORCH_CHECK(drift_in->sizes() == y.sizes() && drift_in->scalar_type() == y.scalar_type(),
-                "kernel_logpdf: drift must match y in shape and dtype");
-    drift = drift_in->contiguous();
-  }
+  const KernelLogpdfInputs in = check_kernel_logpdf(y_in, base_in, drift_in, dt, sigma, logw_in);
+  const at::Tensor &y = in.y, &base = in.base, &drift = in.drift, &logw = in.logw;
   at::Tensor out = at::empty_like(logw);
   if (logw.numel() == 0) return out;
   const double s = sigma * std::sqrt(dt);
@@ -266,7 +231,6 @@ at::Tensor kernel_logpdf_cuda(const at::Tensor& y_in, const at::Tensor& base_in,
     if (logw.scalar_type() == at::kDouble) {
       launch_kernel_logpdf<scalar_t, double>(y, base, drift, logw, out, dt, s, coef, linear);
     } else {
-      TORCH_CHECK(logw.scalar_type() == at::kFloat, "kernel_logpdf: logw must be float32/64");
       launch_kernel_logpdf<scalar_t, float>(y, base, drift, logw, out, dt, s, coef, linear);
     }
   });

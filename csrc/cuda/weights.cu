@@ -6,6 +6,7 @@
 
 #include <cub/block/block_reduce.cuh>
 
+#include "checks.h"
 #include "cuda/common.cuh"
 #include "pathsmc/fastmath.h"
 
@@ -59,8 +60,7 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(const weight_t* __r
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_cuda(const at::Tensor& logw_in) {
-  TORCH_CHECK(logw_in.dim() == 2, "normalize: logw must be (B, N), got ", logw_in.sizes());
-  TORCH_CHECK(logw_in.size(1) > 0, "normalize: logw has an empty population (N = 0)");
+  check_logw(logw_in, "normalize");
   const c10::cuda::CUDAGuard guard(logw_in.device());
   const at::Tensor logw = logw_in.contiguous();
   const int64_t B = logw.size(0), N = logw.size(1);
