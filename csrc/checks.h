@@ -33,17 +33,31 @@ inline void check_rows(const at::Tensor& w, const at::Tensor& x, const char* op,
 struct EmStepInputs {
   at::Tensor x, drift, logw, noise;  // logw / noise undefined when absent
   std::vector<at::Tensor> refs;
+  at::Tensor row_dt, row_sigma;      // float64 (B,) or undefined
 };
+
+// Optional per-row (B,) override of a scalar parameter, as float64.
+inline at::Tensor check_row_param(const std::optional<at::Tensor>& t, const at::Tensor& x,
+                                  const char* name) {
+  if (!t.has_value()) return {};
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0) && t->device() == x.device(), "em_step: ",
+              name, " must be (B,) on x's device, got ", t->sizes());
+  return t->to(at::kDouble).contiguous();
+}
 
 inline EmStepInputs check_em_step(const at::Tensor& x, const at::Tensor& drift,
                                   const std::optional<at::Tensor>& logw, double sigma,
                                   at::TensorList ref_drifts, at::ArrayRef<double> ref_coefs,
-                                  const std::optional<at::Tensor>& noise) {
+                                  const std::optional<at::Tensor>& noise,
+                                  const std::optional<at::Tensor>& row_dt,
+                                  const std::optional<at::Tensor>& row_sigma) {
   TORCH_CHECK(x.dim() == 3, "em_step: x must be (B, N, D), got ", x.sizes());
   check_same(drift, x, "em_step", "drift", "x");
   TORCH_CHECK(ref_drifts.size() == ref_coefs.size(),
               "em_step: ref_coefs must have one entry per ref_drifts tensor");
-  EmStepInputs in{x.contiguous(), drift.contiguous(), {}, {}, {}};
+  EmStepInputs in{x.contiguous(), drift.contiguous(), {}, {}, {}, {}, {}};
+  in.row_dt = check_row_param(row_dt, x, "row_dt");
+  in.row_sigma = check_row_param(row_sigma, x, "row_sigma");
   for (const auto& r : ref_drifts) {
     check_same(r, x, "em_step", "every ref_drifts tensor", "x");
     in.refs.push_back(r.contiguous());
@@ -54,7 +68,8 @@ inline EmStepInputs check_em_step(const at::Tensor& x, const at::Tensor& drift,
   }
   if (logw.has_value()) {
     check_rows(*logw, x, "em_step", "logw");
-    TORCH_CHECK(sigma > 0, "em_step: sigma must be > 0 when logw is given");
+    TORCH_CHECK(sigma > 0 || in.row_sigma.defined(),
+                "em_step: sigma must be > 0 when logw is given");
     in.logw = logw->contiguous();
   }
   return in;

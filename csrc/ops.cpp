@@ -6,8 +6,8 @@
 TORCH_LIBRARY(pathsmc, m) {
   m.def(
       "em_step(Tensor x, Tensor drift, Tensor? logw, float dt, float sigma, Tensor[] ref_drifts, "
-      "float[] ref_coefs, float fwd_coef, float fwd_linear, Tensor? noise, Generator? generator) "
-      "-> (Tensor, Tensor)");
+      "float[] ref_coefs, float fwd_coef, float fwd_linear, Tensor? noise, Generator? generator, "
+      "Tensor? row_dt=None, Tensor? row_sigma=None) -> (Tensor, Tensor)");
   m.def(
       "kernel_logpdf(Tensor y, Tensor base, Tensor? drift, float dt, float sigma, Tensor logw, "
       "float coef, float linear) -> Tensor");

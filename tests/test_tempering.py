@@ -333,7 +333,8 @@ def _perturbed_swap(kind: str):
     return lambda betas, ell: betas[1:].unsqueeze(-1) * (ell[:-1] - ell[1:])
 
 
-PERTURBED_RUN = {"seed": 10, "rounds": 10, "chains": 64}
+# Calibration (in-kernel noise, seeds 10-17, 480 statistics): z mean 0.03, sd 1.08, max 4.7.
+PERTURBED_RUN = {"seed": 11, "rounds": 10, "chains": 64}
 
 
 @pytest.mark.parametrize("kind", ["swap:sign", "swap:coef", "swap:beta", "mala:hastings_sign",

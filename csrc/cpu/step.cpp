@@ -73,9 +73,11 @@ void fill_normals(uint64_t seed, uint64_t offset, int64_t e0, int64_t len, T* ou
 }
 
 struct StepArgs {
-  double h, s, fwd_coef, fwd_linear;
+  double dt, sigma, fwd_coef, fwd_linear;
   std::vector<double> coefs;
   uint64_t seed, offset;
+  const double* row_dt;     // (B,) overrides of dt, or nullptr
+  const double* row_sigma;  // (B,) overrides of sigma, or nullptr
 };
 
 template <typename scalar_t, typename weight_t>
@@ -95,12 +97,10 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
   weight_t* lwo = weighted ? logw_out->data_ptr<weight_t>() : nullptr;
   const bool fwd = args.fwd_coef != 0.0;
 
-  const scalar_t h = static_cast<scalar_t>(args.h), s = static_cast<scalar_t>(args.s);
-  const scalar_t h_over_s = static_cast<scalar_t>(weighted ? args.h / args.s : 0.0);
+  const int64_t N = x.size(1);
   const scalar_t lam = static_cast<scalar_t>(args.fwd_linear);
   double coef_total = args.fwd_coef;
   for (double c : args.coefs) coef_total += c;
-  const double log_norm = weighted ? gaussian_log_norm(D, args.s) * (coef_total - 1.0) : 0.0;
 
   parallel_rows(rows, D * (2 + K), [&](int64_t r0, int64_t r1) {
     std::vector<scalar_t> eps_buf(np ? 0 : kChunk);
@@ -116,6 +116,9 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
         fill_normals<scalar_t>(args.seed, args.offset, r * D, (group_end - r) * D,
                                eps_buf.data());
       }
+      const RowStep st = RowStep::of(r / N, args.dt, args.sigma, args.row_dt, args.row_sigma);
+      const scalar_t h = static_cast<scalar_t>(st.h), s = static_cast<scalar_t>(st.s);
+      const scalar_t h_over_s = static_cast<scalar_t>(weighted ? st.h / st.s : 0.0);
       double ss_prop = 0.0, ss_fwd = 0.0;
       std::fill(ss_ref.begin(), ss_ref.end(), 0.0);
       for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
@@ -161,6 +164,7 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
         }
       }
       if (!weighted) continue;
+      const double log_norm = gaussian_log_norm(D, st.s) * (coef_total - 1.0);
       double delta = 0.5 * ss_prop - 0.5 * args.fwd_coef * ss_fwd + log_norm;
       for (int64_t k = 0; k < K; ++k) delta -= 0.5 * args.coefs[k] * ss_ref[k];
       lwo[r] = static_cast<weight_t>(static_cast<double>(lw[r]) + delta);
@@ -172,13 +176,16 @@ std::tuple<at::Tensor, at::Tensor> em_step_cpu(
     const at::Tensor& x_in, const at::Tensor& drift_in, const std::optional<at::Tensor>& logw_in,
     double dt, double sigma, at::TensorList ref_drifts, at::ArrayRef<double> ref_coefs,
     double fwd_coef, double fwd_linear, const std::optional<at::Tensor>& noise_in,
-    const std::optional<at::Generator>& generator) {
+    const std::optional<at::Generator>& generator, const std::optional<at::Tensor>& row_dt,
+    const std::optional<at::Tensor>& row_sigma) {
   const EmStepInputs in = check_em_step(x_in, drift_in, logw_in, sigma, ref_drifts, ref_coefs,
-                                        noise_in);
+                                        noise_in, row_dt, row_sigma);
   const at::Tensor &x = in.x, &drift = in.drift, &logw = in.logw, &noise = in.noise;
   const std::vector<at::Tensor>& refs = in.refs;
-  StepArgs args{dt, sigma * std::sqrt(dt), fwd_coef, fwd_linear,
-                std::vector<double>(ref_coefs.begin(), ref_coefs.end()), 0, 0};
+  StepArgs args{dt, sigma, fwd_coef, fwd_linear,
+                std::vector<double>(ref_coefs.begin(), ref_coefs.end()), 0, 0,
+                in.row_dt.defined() ? in.row_dt.data_ptr<double>() : nullptr,
+                in.row_sigma.defined() ? in.row_sigma.data_ptr<double>() : nullptr};
   if (!noise.defined()) std::tie(args.seed, args.offset) = philox_key(generator);
 
   at::Tensor x_out = at::empty_like(x);

@@ -30,8 +30,10 @@ struct StepArgs {
   int K;
   const scalar_t* noise;  // nullptr: draw in-kernel
   scalar_t* x_out;
-  int64_t rows, D;
-  double h, s, fwd_coef, fwd_linear, log_norm;
+  int64_t rows, N, D;
+  double dt, sigma, fwd_coef, fwd_linear, coef_total;
+  const double* row_dt;     // (B,) overrides, or nullptr
+  const double* row_sigma;
 };
 
 template <typename scalar_t, typename weight_t, int G>
@@ -44,8 +46,6 @@ __global__ void __launch_bounds__(kThreads) em_step_kernel(const StepArgs<scalar
   uint64_t seed = 0, offset = 0;
   if (a.noise == nullptr) unpack_philox(rng, seed, offset);
   const bool weighted = lw != nullptr;
-  const acc_t h = static_cast<acc_t>(a.h), s = static_cast<acc_t>(a.s);
-  const acc_t h_over_s = static_cast<acc_t>(weighted ? a.h / a.s : 0.0);
   const acc_t lam = static_cast<acc_t>(a.fwd_linear);
   const bool fwd = a.fwd_coef != 0.0;
   const int lane = threadIdx.x % G;
@@ -53,6 +53,10 @@ __global__ void __launch_bounds__(kThreads) em_step_kernel(const StepArgs<scalar
   for (int64_t first = blockIdx.x * rows_per_block; first < a.rows;
        first += static_cast<int64_t>(gridDim.x) * rows_per_block) {
     const int64_t row = first + threadIdx.x / G;
+    const RowStep st =
+        RowStep::of(row < a.rows ? row / a.N : 0, a.dt, a.sigma, a.row_dt, a.row_sigma);
+    const acc_t h = static_cast<acc_t>(st.h), s = static_cast<acc_t>(st.s);
+    const acc_t h_over_s = static_cast<acc_t>(weighted ? st.h / st.s : 0.0);
     double ss_prop = 0.0, ss_fwd = 0.0, ss_ref[kMaxRefs];
 #pragma unroll
     for (int k = 0; k < kMaxRefs; ++k) ss_ref[k] = 0.0;
@@ -88,7 +92,8 @@ __global__ void __launch_bounds__(kThreads) em_step_kernel(const StepArgs<scalar
     if (!weighted) continue;
     ss_prop = group_sum<G>(ss_prop);
     ss_fwd = group_sum<G>(ss_fwd);
-    double delta = 0.5 * ss_prop - 0.5 * a.fwd_coef * ss_fwd + a.log_norm;
+    const double log_norm = gaussian_log_norm(a.D, st.s) * (a.coef_total - 1.0);
+    double delta = 0.5 * ss_prop - 0.5 * a.fwd_coef * ss_fwd + log_norm;
 #pragma unroll
     for (int k = 0; k < kMaxRefs; ++k) {
       if (k >= a.K) break;
@@ -122,12 +127,13 @@ std::tuple<at::Tensor, at::Tensor> em_step_cuda(
     const at::Tensor& x_in, const at::Tensor& drift_in, const std::optional<at::Tensor>& logw_in,
     double dt, double sigma, at::TensorList ref_drifts, at::ArrayRef<double> ref_coefs,
     double fwd_coef, double fwd_linear, const std::optional<at::Tensor>& noise_in,
-    const std::optional<at::Generator>& generator) {
+    const std::optional<at::Generator>& generator, const std::optional<at::Tensor>& row_dt,
+    const std::optional<at::Tensor>& row_sigma) {
   TORCH_CHECK(static_cast<int>(ref_drifts.size()) <= kMaxRefs, "em_step: at most ", kMaxRefs,
               " ref_drifts on CUDA, got ", ref_drifts.size());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const EmStepInputs in = check_em_step(x_in, drift_in, logw_in, sigma, ref_drifts, ref_coefs,
-                                        noise_in);
+                                        noise_in, row_dt, row_sigma);
   const at::Tensor &x = in.x, &drift = in.drift, &logw = in.logw, &noise = in.noise;
   const std::vector<at::Tensor>& refs = in.refs;
   at::Tensor x_out = at::empty_like(x);
@@ -137,7 +143,6 @@ std::tuple<at::Tensor, at::Tensor> em_step_cuda(
   const at::PhiloxCudaState rng = noise.defined() ? at::PhiloxCudaState() : philox_state(generator);
   double coef_total = fwd_coef;
   for (double c : ref_coefs) coef_total += c;
-  const double s = sigma * std::sqrt(dt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pathsmc::em_step", [&] {
     StepArgs<scalar_t> a{};
     a.x = x.data_ptr<scalar_t>();
@@ -150,12 +155,15 @@ std::tuple<at::Tensor, at::Tensor> em_step_cuda(
     a.noise = noise.defined() ? noise.data_ptr<scalar_t>() : nullptr;
     a.x_out = x_out.data_ptr<scalar_t>();
     a.rows = x.size(0) * x.size(1);
+    a.N = x.size(1);
     a.D = x.size(2);
-    a.h = dt;
-    a.s = s;
+    a.dt = dt;
+    a.sigma = sigma;
     a.fwd_coef = fwd_coef;
     a.fwd_linear = fwd_linear;
-    a.log_norm = logw.defined() ? gaussian_log_norm(a.D, s) * (coef_total - 1.0) : 0.0;
+    a.coef_total = coef_total;
+    a.row_dt = in.row_dt.defined() ? in.row_dt.data_ptr<double>() : nullptr;
+    a.row_sigma = in.row_sigma.defined() ? in.row_sigma.data_ptr<double>() : nullptr;
     if (!logw.defined()) {
       launch_em_step<scalar_t, double>(a, nullptr, nullptr, rng);
     } else if (logw.scalar_type() == at::kDouble) {

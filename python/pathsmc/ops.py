@@ -57,13 +57,30 @@ def _check_logw(logw, name: str, b: int, n: int, device) -> torch.Tensor:
     return lw
 
 
+def _scalar_or_rows(v, name: str, b: int, device, *, allow_zero: bool = False):
+    """(scalar for the op, per-row float64 tensor or None) from a float or a (B,) tensor."""
+    if not isinstance(v, torch.Tensor):
+        return check_positive(v, name, allow_zero=allow_zero), None
+    check_tensor(v, name, device=device)
+    if v.dim() > 1 or v.numel() not in (1, b):
+        raise ValueError(f"{name}: expected a float or a tensor of shape ({b},), "
+                         f"got shape {tuple(v.shape)}")
+    rows = v.to(torch.float64).reshape(-1).expand(b).contiguous()
+    if v.device.type == "cpu" and not torch.compiler.is_compiling():
+        ok = bool((rows >= 0).all()) if allow_zero else bool((rows > 0).all())
+        if not ok or not bool(torch.isfinite(rows).all()):
+            need = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name}: every entry must be finite and {need}")
+    return 1.0, rows
+
+
 def em_step(
     x: torch.Tensor,
     drift: torch.Tensor,
     logw: torch.Tensor | None = None,
     *,
-    dt: float,
-    sigma: float,
+    dt: float | torch.Tensor,
+    sigma: float | torch.Tensor,
     ref_drifts: Sequence[torch.Tensor] | None = None,
     ref_coefs: Sequence[float] | None = None,
     fwd_coef: float = 0.0,
@@ -83,8 +100,9 @@ def em_step(
         x: states ``(B, N, D)``, ``(N, D)`` or ``(B, N, *event)``; float32 or float64.
         drift: proposal drift, same shape and dtype as ``x``.
         logw: log-weights ``(B, N)`` or ``(N,)``, float32 or float64, or None.
-        dt: step size h > 0 (time runs backwards: the step goes from t to t - h).
-        sigma: diffusion coefficient σ (> 0 when weights are tracked).
+        dt: step size h > 0 (time runs backwards: the step goes from t to t - h); a float or
+            a per-row tensor ``(B,)`` (e.g. MALA step sizes adapted per problem).
+        sigma: diffusion coefficient σ (> 0 when weights are tracked); a float or ``(B,)``.
         ref_drifts: reference/model drifts, each shaped like ``x``.
         ref_coefs: one coefficient per reference drift.
         fwd_coef: coefficient of the linear forward kernel.
@@ -96,8 +114,8 @@ def em_step(
     x3 = states_to_bnd(x, "x")
     b, n, _ = x3.shape
     d3 = _like_states(drift, "drift", x, x.shape)
-    dt = check_positive(dt, "dt")
-    sigma = check_positive(sigma, "sigma", allow_zero=logw is None)
+    dt, row_dt = _scalar_or_rows(dt, "dt", b, x.device)
+    sigma, row_sigma = _scalar_or_rows(sigma, "sigma", b, x.device, allow_zero=logw is None)
     refs = list(ref_drifts or [])
     coefs = [float(c) for c in (ref_coefs or [])]
     if len(refs) != len(coefs):
@@ -113,7 +131,7 @@ def em_step(
                          "log-weights to accumulate the step weight into")
     nz = None if noise is None else _like_states(noise, "noise", x, x.shape)
     x_new, lw_new = _ops.em_step(x3, d3, lw, dt, sigma, refs, coefs, float(fwd_coef),
-                                 float(fwd_linear), nz, generator)
+                                 float(fwd_linear), nz, generator, row_dt, row_sigma)
     return x_new.view(x.shape), (None if logw is None else lw_new.view(logw.shape))
 
 
@@ -327,7 +345,7 @@ def replica_swap(
 
 @torch.library.register_fake("pathsmc::em_step")
 def _em_step_fake(x, drift, logw, dt, sigma, ref_drifts, ref_coefs, fwd_coef, fwd_linear,
-                  noise, generator):
+                  noise, generator, row_dt=None, row_sigma=None):
     lw = x.new_empty((0,), dtype=torch.float64) if logw is None else torch.empty_like(logw)
     return torch.empty_like(x), lw
 

@@ -31,11 +31,19 @@ __all__ = [
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def gaussian_logpdf(y: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
-    """log N(y; mean, std² I), summed over the last dim in float64."""
+def gaussian_logpdf(y: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """log N(y; mean, std² I), summed over the last dim in float64 (std: float or (B, 1, 1))."""
     z = (y - mean).double() / std
     d = y.shape[-1]
-    return -0.5 * (z * z).sum(-1) - d * (math.log(std) + 0.5 * _LOG_2PI)
+    log_std = torch.log(std).reshape(-1, 1) if isinstance(std, torch.Tensor) else math.log(std)
+    return -0.5 * (z * z).sum(-1) - d * (log_std + 0.5 * _LOG_2PI)
+
+
+def _per_row(v, b: int):
+    """A float stays; a (B,) tensor becomes (B, 1, 1) float64 for broadcasting."""
+    if isinstance(v, torch.Tensor):
+        return v.to(torch.float64).reshape(-1).expand(b).reshape(b, 1, 1)
+    return v
 
 
 def em_step(
@@ -43,8 +51,8 @@ def em_step(
     drift: torch.Tensor,
     logw: torch.Tensor | None = None,
     *,
-    dt: float,
-    sigma: float,
+    dt: float | torch.Tensor,
+    sigma: float | torch.Tensor,
     ref_drifts: Sequence[torch.Tensor] | None = None,
     ref_coefs: Sequence[float] | None = None,
     fwd_coef: float = 0.0,
@@ -63,16 +71,21 @@ def em_step(
         logw = logw_to_bn(logw)
     if noise is None:
         noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-    s = sigma * math.sqrt(dt)
-    mean = x + drift * dt
-    x_new = mean + s * noise
+    dt, sigma = _per_row(dt, x.shape[0]), _per_row(sigma, x.shape[0])
+    s = sigma * (dt.sqrt() if isinstance(dt, torch.Tensor) else math.sqrt(dt))
+    if isinstance(s, torch.Tensor):
+        dt_x, s_x = dt.to(x.dtype) if isinstance(dt, torch.Tensor) else dt, s.to(x.dtype)
+    else:
+        dt_x, s_x = dt, s
+    mean = x + drift * dt_x
+    x_new = mean + s_x * noise
     if logw is None:
         return x_new.reshape(shape), None
     delta = -gaussian_logpdf(x_new, mean, s)
     for b, c in zip(ref_drifts or (), ref_coefs or (), strict=True):
-        delta = delta + c * gaussian_logpdf(x_new, x + b * dt, s)
+        delta = delta + c * gaussian_logpdf(x_new, x + b * dt_x, s)
     if fwd_coef != 0.0:
-        delta = delta + fwd_coef * gaussian_logpdf(x, x_new + fwd_linear * x_new * dt, s)
+        delta = delta + fwd_coef * gaussian_logpdf(x, x_new + fwd_linear * x_new * dt_x, s)
     return x_new.reshape(shape), (logw.double() + delta).to(logw.dtype).reshape(logw_shape)
 
 

@@ -30,9 +30,9 @@ Path: the geometric bridge ``π_β ∝ ref^{1−β} · γ^β`` from a normalized
    their running log Ẑ, so ``log Ẑ = logsumexp(logw) − log N`` at the end (DESIGN.md).
 4. **MALA moves** targeting π_β', ``mcmc_steps`` per temperature: the proposal
    ``x' = x + h∇log π_β'(x) + √(2h)·ε`` goes through :func:`pathsmc.ops.em_step` and the
-   Metropolis–Hastings correction through :func:`pathsmc.ops.mala_accept`. ``em_step`` takes a
-   scalar ``dt`` while the step size ``h`` is per row, so the per-row scale is folded into
-   its inputs: ``em_step(x, drift=h·∇, dt=1, sigma=√2, noise=√h·ε)``. After every move each
+   Metropolis–Hastings correction through :func:`pathsmc.ops.mala_accept`, both with the
+   per-row step ``h``: ``em_step(x, drift=∇, dt=h, sigma=√2)`` draws the noise in-kernel.
+   After every move each
    row adapts ``log h += adapt_rate · (acceptance − target_accept)`` on the device
    (``target_accept`` = 0.574, the optimal MALA rate of Roberts & Rosenthal 1998).
 
@@ -386,16 +386,13 @@ def _mala_moves(target, reference, x, lt, lr, gt, beta, log_h, moves, target_acc
                 adapt_rate, generator):
     """``moves`` MALA steps targeting π_β per row; adapts log h per row after each."""
     b = x.shape[0]
-    shape3 = (b, 1, 1)
     _, gr = _eval(reference, x)
     logp = _mix(beta, lr, lt)
     grad = _mix(beta, gr, gt)
     acc_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
     for _ in range(moves):
-        h3 = log_h.exp().to(x.dtype).reshape(shape3)
-        h = h3.reshape(b).double()  # the same h (in x's precision) for proposal and acceptance
-        eps = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-        x_prop, _ = ops.em_step(x, grad * h3, dt=1.0, sigma=_SQRT2, noise=eps * h3.sqrt())
+        h = log_h.exp().to(x.dtype).double()  # the same h (x's precision) in both ops
+        x_prop, _ = ops.em_step(x, grad, dt=h, sigma=_SQRT2, generator=generator)
         lt_p, gt_p = _eval(target, x_prop)
         lr_p, gr_p = _eval(reference, x_prop)
         x, logp, grad, acc = ops.mala_accept(x, x_prop, logp, _mix(beta, lr_p, lt_p), grad,

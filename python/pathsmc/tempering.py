@@ -20,9 +20,9 @@ log-densities ``(K, B, C)``. The same memory is viewed two ways, without copies:
 **One scan** (Syed et al. 2021, Algorithm 1):
 
 1. *Local exploration*, ``local_steps`` MALA moves at every level: the proposal
-   ``x' = x + h∇log π_β(x) + √(2h)·ε`` through :func:`pathsmc.ops.em_step` (``em_step`` takes a
-   scalar ``dt``, so the per-row step ``h`` is folded into its inputs:
-   ``em_step(x, drift=h·∇, dt=1, sigma=√2, noise=√h·ε)``), the Metropolis–Hastings correction
+   ``x' = x + h∇log π_β(x) + √(2h)·ε`` through :func:`pathsmc.ops.em_step` with the per-row
+   step ``h`` (``em_step(x, drift=∇, dt=h, sigma=√2)``, noise drawn in-kernel), the
+   Metropolis–Hastings correction
    through :func:`pathsmc.ops.mala_accept` with the per-row step tensor. When the reference can
    be sampled (it has ``sample``, e.g. :class:`pathsmc.targets.boltzmann.DiagonalGaussian`) and
    ``reference_iid`` is on, level 0 is instead redrawn exactly from the reference (an
@@ -653,13 +653,9 @@ class ParallelTempering:
         grad = torch.lerp(gr, gt, b4)
         for _ in range(self.local_steps):
             log_h = self._log_h[lo:]
-            h = log_h.exp()
-            h4 = h.to(self.dtype).reshape(kk, b, 1, 1)
-            eps = torch.randn(x.shape, dtype=self.dtype, device=self.device,
-                              generator=self.generator)
-            x_prop, _ = ops.em_step(x.reshape(rows, c, d), (grad * h4).reshape(rows, c, d),
-                                    dt=1.0, sigma=_SQRT2,
-                                    noise=(eps * h4.sqrt()).reshape(rows, c, d))
+            h = log_h.exp().to(self.dtype).double()  # the same h (x's precision) in both ops
+            x_prop, _ = ops.em_step(x.reshape(rows, c, d), grad.reshape(rows, c, d),
+                                    dt=h.reshape(rows), sigma=_SQRT2, generator=self.generator)
             x_prop = x_prop.view(kk, b, c, d)
             lt_p, gt_p = self._eval_target(x_prop)
             lr_p, gr_p = _eval(self.reference, x_prop)

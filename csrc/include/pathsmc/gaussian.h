@@ -22,6 +22,18 @@ PATHSMC_HD double gaussian_log_norm(int64_t d, double s) {
   return -static_cast<double>(d) * (log(s) + kHalfLog2Pi);
 }
 
+// Step size h and noise scale s = σ√h of one row: the op's scalars, or per-row overrides
+// (e.g. a MALA step size adapted per problem).
+struct RowStep {
+  double h, s;
+  PATHSMC_HD static RowStep of(int64_t b, double dt, double sigma, const double* row_dt,
+                               const double* row_sigma) {
+    const double h = row_dt ? row_dt[b] : dt;
+    const double sg = row_sigma ? row_sigma[b] : sigma;
+    return RowStep{h, sg * sqrt(h)};
+  }
+};
+
 template <typename T>
 PATHSMC_HD T ref_residual(T a, T b, T h_over_s, T eps) {
   return (a - b) * h_over_s + eps;
