@@ -191,6 +191,13 @@ void merge_sorted_positions(double* w, const RowWeights& rw, int64_t N, int64_t 
   });
 }
 
+// Per-thread scratch for sorted positions (multinomial with in-kernel uniforms).
+std::vector<double>& position_scratch(int64_t n) {
+  thread_local std::vector<double> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf;
+}
+
 // Ancestors of one live row into anc[0, M); w holds exp(l_j - max) and may be overwritten.
 void resample_row(double* w, const RowWeights& rw, int64_t N, int64_t M, Scheme scheme,
                   const Uniforms& u, int64_t b, int64_t* anc) {
@@ -202,6 +209,26 @@ void resample_row(double* w, const RowWeights& rw, int64_t N, int64_t M, Scheme 
   if (scheme == Scheme::kMultinomial) {
     double c = 0.0;  // one sequential prefix: exactly monotone, so dead particles stay unpicked
     for (int64_t j = 0; j < N; ++j) w[j] = (c += w[j]) * inv_total;
+    if (u.data == nullptr) {
+      // In-kernel randomness: M sorted iid uniforms from normalized exponential spacings
+      // (u_(i) = S_i / S_M, S the running sum of M + 1 Exp(1) draws), then one O(N + M) merge
+      // instead of M cache-missing binary searches. Same law as M independent draws; the
+      // ancestors come out sorted, as with the other schemes.
+      std::vector<double>& pos = position_scratch(M + 1);
+#pragma omp simd
+      for (int64_t i = 0; i <= M; ++i)
+        pos[i] = -log_poly(1.0 - stream_uniform(u.seed, u.offset, b * (M + 1) + i));
+      double run = 0.0;
+      for (int64_t i = 0; i <= M; ++i) pos[i] = (run += pos[i]);
+      const double inv = 1.0 / run;
+      int64_t j = 0;
+      for (int64_t i = 0; i < M; ++i) {
+        const double p = pos[i] * inv;
+        while (j < rw.last_live && w[j] <= p) ++j;
+        anc[i] = j;
+      }
+      return;
+    }
     at::parallel_for(0, M, 4096, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i)
         anc[i] = std::min(upper_bound(w, N, u.get(b, i)), rw.last_live);
