@@ -335,7 +335,8 @@ def faulty_ops(**override) -> SimpleNamespace:
             kwargs[key] = fn(kwargs[key])
         return ops.em_step(*args, **kwargs)
 
-    return SimpleNamespace(em_step=em_step)
+    return SimpleNamespace(em_step=em_step, normalize=ops.normalize,
+                           adaptive_resample=ops.adaptive_resample)
 
 
 def _first_coef_one(coefs):

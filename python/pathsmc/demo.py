@@ -32,11 +32,10 @@ log Ẑ and its standard error come from the runs themselves.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -492,21 +491,6 @@ def steering_cases(
     return cases
 
 
-@contextlib.contextmanager
-def _loop_ops(module: Any) -> Iterator[None]:
-    """Run :func:`pathsmc.smc.smc`'s normalize / adaptive_resample from ``module`` too, so
-    that the reference run is pure PyTorch end to end (``steer`` takes ``ops`` for its
-    ``em_step`` only)."""
-    import pathsmc.smc as smc_module
-
-    saved = smc_module.ops
-    smc_module.ops = module
-    try:
-        yield
-    finally:
-        smc_module.ops = saved
-
-
 def run_steering_case(
     case: SteerCase,
     *,
@@ -527,7 +511,7 @@ def run_steering_case(
     if ops is None:
         import pathsmc.ops as ops
     timer = _Timer(torch.device(device))
-    with _loop_ops(ops), timer:
+    with timer:
         res = steer(case.model, case.mode, particles=particles, batch=runs, steps=steps,
                     seed=seed, device=device, ops=ops, progress=progress, **case.kwargs)
     return res, timer.total

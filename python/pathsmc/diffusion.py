@@ -724,8 +724,9 @@ def steer(
         seed: creates ``generator`` on ``device`` when that is not given.
         device: where the particles live.
         dtype: particle dtype (log-weights are float64).
-        ops: the module providing ``em_step`` (default :mod:`pathsmc.ops`; pass
-            :mod:`pathsmc.reference` for the pure-PyTorch step).
+        ops: the module providing ``em_step``, ``normalize`` and ``adaptive_resample``
+            (default :mod:`pathsmc.ops`; :mod:`pathsmc.reference` runs the whole loop in pure
+            PyTorch).
         progress: show a progress bar (default: when stderr is a terminal).
 
     Returns:
@@ -747,8 +748,6 @@ def steer(
         raise ValueError(f"potential: expected one of {POTENTIALS}, got {potential!r}")
     if steps < 1:
         raise ValueError(f"steps: expected a positive integer, got {steps}")
-    if int(potential_every) < 1:
-        raise ValueError(f"potential_every: expected a positive integer, got {potential_every}")
     if int(potential_every) < 1:
         raise ValueError(f"potential_every: expected a positive integer, got {potential_every}")
     if not 0.0 <= t_end < 1.0:
@@ -818,4 +817,5 @@ def steer(
                    weighting=weighting, device=device, dtype=dtype, ops=ops,
                    potential_every=potential_every)
     return smc(fk, particles, batch, threshold=threshold if fk.weighted else 0.0,
-               scheme=scheme, generator=generator, progress=progress, desc=f"steer:{mode}")
+               scheme=scheme, generator=generator, progress=progress, desc=f"steer:{mode}",
+               ops=ops)

@@ -49,10 +49,11 @@ Config reference (TOML shown; JSON takes the same structure; every key but ``par
     beta = 0.5                # temper: β; product: [β1, β2, ...]
     weighting = "path"        # or "density" (every model needs log_prob)
 
-Import paths are resolved with the config file's folder, the ``pythonpath`` entries and the
-current directory in front of ``sys.path``. Model functions get ``x`` ``(B, N, D)`` for the rows
-of the current chunk; a reward or value function that depends on the row should take its
-per-row data from the model's ``condition`` (or set ``chunk = batch``).
+Keys starting with ``_`` are ignored (comments in JSON). Import paths are resolved with the
+config file's folder, the ``pythonpath`` entries and the current directory in front of
+``sys.path``. Model functions get ``x`` ``(B, N, D)`` for the rows of the current chunk; a
+reward or value function that depends on the row should take its per-row data from the model's
+``condition`` (or set ``chunk = batch``).
 
 The output folder holds ``result.pt`` (a dict of CPU tensors: ``particles`` (B, N, D),
 ``logw`` (B, N), ``log_z`` (B,), ``ess`` and ``resampled`` (steps, B), ``final_ess`` and
@@ -179,7 +180,8 @@ class JobConfig:
 
     def fingerprint(self) -> str:
         """A hash of everything that determines the samples (guards resumed chunks)."""
-        keep = {k: v for k, v in self.raw.items() if k not in _NOT_IN_FINGERPRINT}
+        keep = {k: v for k, v in self.raw.items()
+                if k not in _NOT_IN_FINGERPRINT and not k.startswith("_")}
         blob = json.dumps(keep, sort_keys=True, default=repr).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -191,7 +193,7 @@ class JobConfig:
 
 def _unknown(table: dict[str, Any], allowed: Sequence[str], prefix: str) -> None:
     for key in table:
-        if key not in allowed:
+        if key not in allowed and not key.startswith("_"):
             near = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
             raise ConfigError(f"{prefix}{key}: unknown key{hint}; allowed here: "
@@ -365,6 +367,10 @@ def load_config(path: str | Path) -> JobConfig:
             if m.log_prob is None:
                 raise ConfigError(f"{m.key}.log_prob: steer.weighting = 'density' needs the "
                                   "exact log-density of every model")
+    if mode == "product" and len(models) < 2:
+        raise ConfigError("model: mode 'product' needs two or more models ([[model]] tables)")
+    if mode in ("reward", "temper", "twisted") and len(models) != 1:
+        raise ConfigError(f"model: mode {mode!r} takes one [model], got {len(models)}")
     beta = st.get("beta")
     if mode == "temper":
         if isinstance(beta, bool) or not isinstance(beta, int | float):
@@ -386,10 +392,6 @@ def load_config(path: str | Path) -> JobConfig:
                           "beta = [1.0, 1.0]")
     else:
         steer["beta"] = None
-    if mode == "product" and len(models) < 2:
-        raise ConfigError("model: mode 'product' needs two or more models ([[model]] tables)")
-    if mode in ("reward", "temper", "twisted") and len(models) != 1:
-        raise ConfigError(f"model: mode {mode!r} takes one [model], got {len(models)}")
     # sizes and the rest
     batch = _int(raw, "batch", "", 1)
     chunk = _int(raw, "chunk", "", batch)
@@ -802,4 +804,4 @@ def _save_npz(result: dict[str, Any], path: Path) -> None:
 def _versions() -> dict[str, str]:
     import pathsmc
 
-    return {"pathsmc": pathsmc.__version__, "torch": torch.__version__}
+    return {"pathsmc": str(pathsmc.__version__), "torch": str(torch.__version__)}

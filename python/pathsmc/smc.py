@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from pathsmc import ops
+from pathsmc import ops as fused_ops
 
 __all__ = ["FeynmanKacModel", "SMCResult", "smc"]
 
@@ -80,7 +80,7 @@ class SMCResult:
     @property
     def weights(self) -> torch.Tensor:
         """Normalized weights ``(B, N)`` of the final particles."""
-        return ops.normalize(self.logw)[0].exp()
+        return fused_ops.normalize(self.logw)[0].exp()
 
     @property
     def final_ess(self) -> torch.Tensor:
@@ -128,6 +128,7 @@ def smc(
     generator: torch.Generator | None = None,
     progress: bool | None = None,
     desc: str = "smc",
+    ops=None,
 ) -> SMCResult:
     """Run the Feynman–Kac model with adaptive resampling.
 
@@ -140,7 +141,10 @@ def smc(
         generator: seeds the model's and the resampling's randomness.
         progress: a tqdm bar on stderr (default: when stderr is a terminal).
         desc: the bar's label.
+        ops: the module providing ``normalize`` and ``adaptive_resample`` (default
+            :mod:`pathsmc.ops`; :mod:`pathsmc.reference` runs the loop in pure PyTorch).
     """
+    ops = fused_ops if ops is None else ops
     if particles < 1 or batch < 1:
         raise ValueError(f"particles and batch must be >= 1, got {particles} and {batch}")
     steps = int(model.num_steps)
