@@ -20,8 +20,8 @@ with ``r_t(x) = r(x̂_0(x, t))`` at Tweedie's denoised mean of the first model f
 ``π_0 ∝ Π_j p_{j,0}^{β_j} e^r``. Neither γ_k nor Z_k is known.
 
 **Swap of levels (k, k+1)** (the pairs with k ≡ parity (mod 2), DEO: the parity alternates
-every round). Between ``s_0 = t_k < s_1 < ... < s_M = t_{k+1}`` (M = ``substeps``, step
-``h_n = s_{n+1} − s_n``) two EM paths are drawn:
+every round). On the sub-grid ``s_0 = t_k < s_1 < ... < s_M = t_{k+1}`` (M equal steps
+``h_n = s_{n+1} − s_n`` of at most ``max_step``) two EM paths are drawn:
 
 - *noise up* the lower state, ``z_0 = x_k``, with the forward kernel
   ``F_n(z_{n+1} | z_n) = N(z_{n+1}; z_n + λ(s_n) z_n h_n, g(s_{n+1})² h_n)``;
@@ -66,9 +66,20 @@ noise that reproduces ``z_n``, which evaluates ``Δ(z)`` with the same code. The
 
 (:func:`swap_log_ratio`). Checks: with one model, β = 1 and no reward, G = G_1 and F's
 coefficient is 0, so Δ ≡ 0 and every swap is accepted — the noised state of level k *is* a draw
-from level k+1 and the denoised one from level k (exactly so in continuous time). With finitely
-many substeps the RND is that of the discretized chains: a bias of order h that ``substeps``
-controls (as in :func:`pathsmc.diffusion.steer` with ``weighting="path"``).
+from level k+1 and the denoised one from level k (exactly so in continuous time); the same
+holds for a product of two copies of one model with β = (½, ½).
+
+**Discretization.** Nelson's relation holds for the SDEs, not for their EM kernels: the error
+``E(p) = log p_{t_k}(p_0) − log p_{t_{k+1}}(p_M) − Σ_n log G_{1,n}/F_n`` has standard deviation
+O(√h) along a path and opposite means on noising and denoising paths (the two
+Kullback–Leibler divergences between the discretized forward and backward path measures,
+O(h)), so with a finite step the chain's level 0 is biased by O(h), like the SMC driver's
+``weighting="path"``. Measured on ``p^{1/2}`` of a 1-D two-component mixture (VP schedule):
+E[X²] too large by 0.7–0.9 % at h = 0.01 (``steer`` with 100 steps: 1.0 %), by 0.3–0.8 % at
+h = 0.005. ``weighting="density"`` replaces the marginal ratios by the models' exact
+``log_prob`` — ``log R(p) = Σ_n [log F_n − log G_n] + log γ_k(p_0) − log γ_{k+1}(p_M)``, the
+``em_step`` weight with ``c = ()``, ``c_f = 1`` — and is exact at any step size (for models
+whose densities are known, e.g. test targets).
 
 **Top level.** ``π_{K−1} ∝ Π_j p_{j,1}^{β_j} e^{r_1}`` with ``p_{j,1}`` ≈ the prior
 ``N(0, σ² I)`` (σ = ``schedule.prior_std``), i.e. ≈ ``N(0, σ²/Σβ · I) · e^{r_1}``. Every round
@@ -92,30 +103,45 @@ when the level times are adapted). Level times can be adapted during burn-in to 
 swap rejection rates, with the schedule optimizer of parallel tempering
 (:func:`pathsmc.tempering.optimal_schedule`, Syed et al. 2021) applied to times instead of β.
 
-**Cost.** An attempted pair costs M model evaluations per model for the denoising path and M
-for the noising path's weight (skipped when Δ ≡ 0: one model, β = 1), plus the reward's
-denoiser calls; a round attempts about (K−1)/2 pairs, i.e. about one reverse chain of
-(K−1)·M/2 steps in each direction. :class:`CREPEResult` counts model calls (each over the
-B·C states of a level) and per-problem state evaluations (calls × C), the number to compare
-with the SMC driver's ``steps × particles``.
+**Cost.** The noising path needs no model (F is linear); its weight needs the scores at
+``z_1 … z_M``, the denoising path at ``w_M … w_1``, at the same times: both go in one model
+call per sub-step over ``2·B·C`` states (one call over B·C when Δ ≡ 0 and only the denoising
+path is evaluated), plus the reward's denoiser at the endpoints. A round attempts every other
+pair, so a round costs about half of the whole time grid: ``≈ 1/(2·max_step)`` calls, i.e.
+``≈ C/max_step`` model evaluations per problem. :class:`CREPEResult` counts calls and
+evaluations (states × calls per problem), the number to compare with the SMC driver's
+``steps × particles``.
 
-Example (tempering a mixture model, β = 2)::
+Example (tempering a scores-only mixture model, β = 1/2)::
 
+    >>> import torch
     >>> from pathsmc.crepe import crepe
     >>> from pathsmc.diffusion import DiffusionModel, VPSchedule
     >>> from pathsmc.targets import GaussianMixture
     >>> mix = GaussianMixture(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [1.5]]),
     ...                       torch.tensor([[0.3], [0.5]]))
-    >>> res = crepe(DiffusionModel.from_mixture(mix, VPSchedule()), beta=2.0, rounds=600,
-    ...             burn_in=200, num_levels=8, substeps=4, num_chains=128, seed=0)
-    >>> res.samples.shape          # (rounds − burn_in, B, C, D) level-0 states
-    torch.Size([400, 1, 128, 1])
-    >>> print(res.summary())       # swap acceptance per pair, restarts, model evaluations
+    >>> exact = DiffusionModel.from_mixture(mix, VPSchedule())
+    >>> model = DiffusionModel(exact.fn, VPSchedule(), dim=1)   # scores only
+    >>> res = crepe(model, beta=0.5, num_levels=10, max_step=0.01, num_chains=512,
+    ...             burn_in=80, adapt_times=1, rounds=160, seed=1)
+    >>> res.samples.shape          # (rounds, B, C, D): level-0 states of the recorded rounds
+    torch.Size([160, 1, 512, 1])
+    >>> mean, se = res.estimate()  # batch means over the chains
+    >>> print(res.summary())  # doctest: +SKIP
 
-Sources: J. He et al., "CREPE: controlling diffusion with replica exchange" (2025), and the
-path-measure lecture notes in the design seeds (path RND, Nelson's relation, replica
-exchange); S. Syed et al., "Non-reversible parallel tempering", JRSS B 84 (2022) (DEO swaps,
-schedule adaptation).
+On one CPU core this takes about 3 s (13 M model evaluations): mean 0.231 ± 0.013 and variance
+3.83 ± 0.02 against the exact 0.2375 and 3.750 (the excess variance is the h = 0.01
+discretization above); ``steer(model, "temper", beta=0.5, steps=100)``
+with 16 runs × 8 098 particles (the same evaluations, 1.2 s) gives 0.229 ± 0.007 and
+3.79 ± 0.015 (``tests/test_crepe.py::test_compare_with_smc``). On this easy, low-dimensional
+target importance sampling is the cheaper of the two; CREPE's draws at level 0 are unweighted
+and it keeps improving with more rounds at a fixed memory.
+
+Sources: the CREPE method and the path-measure view (forward–backward RND, Nelson's relation,
+steering with path RNDs, replica exchange across diffusion levels) as presented in the design
+seeds' lecture slides (J. He, "Introduction to diffusion models and probabilistic inference
+with path measures", 2025); S. Syed et al., "Non-reversible parallel tempering", JRSS B 84
+(2022) (DEO swaps, schedule adaptation).
 """
 
 from __future__ import annotations
@@ -136,14 +162,15 @@ from pathsmc.tempering import optimal_schedule
 __all__ = ["CREPE", "CREPEResult", "crepe", "swap_log_ratio"]
 
 _SWAPS = ("deo", "seo")
+_WEIGHTINGS = ("path", "density")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
 def swap_log_ratio(
     delta_down: torch.Tensor,
     delta_up: torch.Tensor,
-    reward_lower: torch.Tensor | None = None,
-    reward_upper: torch.Tensor | None = None,
+    potential_lower: torch.Tensor | None = None,
+    potential_upper: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log acceptance ratio of a CREPE swap of levels (k, k+1) (see the module docstring).
 
@@ -152,16 +179,17 @@ def swap_log_ratio(
             path from ``x_{k+1}`` down to ``t_k``.
         delta_up: ``Δ(z)``, the same weights evaluated on the noising path from ``x_k`` up to
             ``t_{k+1}``.
-        reward_lower: ``r_{t_k}(w_0) − r_{t_k}(x_k)``, the change of the lower level's reward.
-        reward_upper: ``r_{t_{k+1}}(z_M) − r_{t_{k+1}}(x_{k+1})``.
+        potential_lower: ``φ_{t_k}(w_0) − φ_{t_k}(x_k)``, the change of the lower level's
+            potential (the reward r_t; with ``weighting="density"`` also ``Σ_j β_j log p_{j,t}``).
+        potential_upper: ``φ_{t_{k+1}}(z_M) − φ_{t_{k+1}}(x_{k+1})``.
 
-    Returns ``log A = Δ(w) − Δ(z)`` plus the reward changes, the log of ``R(w) / R(z)``.
+    Returns ``log A = Δ(w) − Δ(z)`` plus the potential changes, the log of ``R(w) / R(z)``.
     """
     out = delta_down - delta_up
-    if reward_lower is not None:
-        out = out + reward_lower
-    if reward_upper is not None:
-        out = out + reward_upper
+    if potential_lower is not None:
+        out = out + potential_lower
+    if potential_upper is not None:
+        out = out + potential_upper
     return out
 
 
@@ -222,6 +250,7 @@ class CREPEResult:
             target, autocorrelated along S, independent across the C chains.
         states: final states of every level ``(K, B, C, D)``.
         times: the level times of the recorded rounds ``(K,)`` (a list of floats).
+        substeps: EM steps of the path between each pair of adjacent levels ``(K−1,)``.
         swap_accept: Rao–Blackwellized swap acceptance ``E[min(1, A)]`` per pair
             ``(B, K−1)`` over the attempted swaps; ``swap_accept_se`` its batch-means standard
             error over the chains.
@@ -232,10 +261,11 @@ class CREPEResult:
         restarts: fresh top-level draws that reached level 0, per chain ``(B, C)`` int64.
         round_trips: draws that then returned to the top, per chain ``(B, C)`` int64.
         rounds: recorded rounds S; burn_in: rounds before them.
-        model_calls: calls of the models (each over the B·C states of one level), burn-in and
-            initialization included; ``log_prob_calls`` likewise for ``log_prob``.
-        model_evals: per-problem state evaluations, ``model_calls × C`` (compare with SMC's
-            ``steps × particles``).
+        model_calls: calls of the models (a call evaluates the B·C states of one level, or
+            the 2·B·C states of both paths of a pair), burn-in and initialization included;
+            ``log_prob_calls`` likewise for ``log_prob``.
+        model_evals: model evaluations per problem: states evaluated per call and problem,
+            summed over the calls (compare with SMC's ``steps × particles``).
         schedules: the level times of each burn-in phase and of the recorded rounds.
         seconds: wall time of the run (the device is read at the end).
         all_samples: every level's states per recorded round ``(S, K, B, C, D)`` when
@@ -245,6 +275,7 @@ class CREPEResult:
     samples: torch.Tensor
     states: torch.Tensor
     times: list[float]
+    substeps: list[int]
     swap_accept: torch.Tensor
     swap_accept_se: torch.Tensor
     swap_accept_empirical: torch.Tensor
@@ -306,16 +337,22 @@ class CREPE:
 
     Args:
         model: a :class:`pathsmc.diffusion.DiffusionModel` or a sequence of them (a product);
-            all share the first one's schedule. Only scores are needed; ``log_prob`` is used
-            for the top level when every model has it (``exact_top``).
+            all share the first one's schedule. Only scores are needed (``weighting="path"``);
+            ``log_prob`` is used for the top level when every model has it (``exact_top``)
+            and for ``weighting="density"``.
         beta: the exponent(s) β_j: a float (one model: tempering ``p^β``) or one per model
             (product / classifier-free guidance); default 1 each. Σ_j β_j must be positive.
         reward: optional ``reward(x) -> (B, N)`` log-potential r of the tilt ``exp(r)``; the
             intermediate levels use ``r(x̂_0(x, t))`` with the first model's denoiser.
+        weighting: ``"path"`` (default): the marginal ratios of the swap acceptance come from
+            the path RND (scores only); ``"density"``: from the models' exact ``log_prob``
+            (then the acceptance is exact for any step size; for test targets).
         num_levels: K >= 2 (ignored when ``times`` is given).
         times: level times ``(K,)``, strictly increasing from 0 to 1 (default
             :func:`default_times`).
-        substeps: EM steps M of each path between adjacent levels.
+        max_step: the largest EM step (in t) of the paths; the path between ``t_k`` and
+            ``t_{k+1}`` takes ``max(substeps, ⌈(t_{k+1} − t_k)/max_step⌉)`` equal steps.
+        substeps: the fewest EM steps of a path between adjacent levels.
         num_chains: C independent CREPE systems per problem.
         num_problems: B (per-problem conditions go in the models' ``condition`` and in
             ``reward``, which see states ``(B, C, D)``).
@@ -339,10 +376,11 @@ class CREPE:
         *,
         beta: float | Sequence[float] | None = None,
         reward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        weighting: str = "path",
         num_levels: int = 8,
         times: Sequence[float] | None = None,
-        substeps: int = 1,
         max_step: float = 0.01,
+        substeps: int = 1,
         num_chains: int = 64,
         num_problems: int = 1,
         dim: int | None = None,
@@ -375,8 +413,17 @@ class CREPE:
         self.betas = betas
         self.beta_sum = sum(betas)
         self.reward = reward
-        # Δ ≡ 0 for one model with β = 1: the noising path needs no model evaluations
-        self.weighted = not (len(models) == 1 and betas[0] == 1.0)
+        if weighting not in _WEIGHTINGS:
+            raise ValueError(f"weighting: expected one of {_WEIGHTINGS}, got {weighting!r}")
+        has_lp = all(m.has_log_prob for m in models)
+        if weighting == "density" and not has_lp:
+            raise ValueError("weighting 'density': every model needs an exact log_prob")
+        self.weighting = weighting
+        self.density = weighting == "density"
+        # Δ ≡ 0 (path weights, one model, β = 1): the noising path needs no model evaluations
+        self.delta_zero = not self.density and len(models) == 1 and betas[0] == 1.0
+        # the level potential φ_t: Σ_j β_j log p_{j,t} ("density") plus the reward r_t
+        self.has_phi = self.density or reward is not None
         if swap not in _SWAPS:
             raise ValueError(f"swap: expected one of {_SWAPS}, got {swap!r}")
         self.swap = swap
@@ -398,17 +445,17 @@ class CREPE:
         if ops is None:
             import pathsmc.ops as ops
         self.ops = ops
-        has_lp = all(m.has_log_prob for m in models)
         if exact_top is None:
             exact_top = has_lp
         elif exact_top and not has_lp:
             raise ValueError("exact_top: every model needs log_prob")
-        self.exact_top = bool(exact_top)
+        self.exact_top = bool(exact_top) or self.density
         self.prior_std = float(self.schedule.prior_std)
         self.top_std = self.prior_std / math.sqrt(self.beta_sum)
         seed = generator.initial_seed() if generator is not None else torch.initial_seed()
         self._host_rng = random.Random(seed ^ 0xC4E9E)
         self.model_calls = 0
+        self.model_evals = 0
         self.log_prob_calls = 0
         self.round_count = 0
         self.set_times(default_times(num_levels, self.schedule) if times is None else times)
@@ -421,7 +468,7 @@ class CREPE:
                 raise ValueError(f"init: expected shape ({k}, {self.B}, {self.C}, {self.D}), "
                                  f"got {tuple(init.shape)}")
             self.x = x.clone()
-            self.r = self._level_rewards()
+        self.phi = self._level_potentials()
         # replica phase: 0 unknown, 1 fresh from the top, 2 reached level 0 since then
         self.phase = torch.zeros(k, self.B * self.C, dtype=torch.int8, device=self.device)
 
@@ -431,9 +478,14 @@ class CREPE:
     def K(self) -> int:
         return len(self.times)
 
+    @property
+    def substeps(self) -> list[int]:
+        """EM steps of the path between each pair of adjacent levels ``(K−1,)``."""
+        return [len(s) - 1 for s in self._sub]
+
     def set_times(self, times: Sequence[float]) -> None:
         """Set the level times (K may change only before the states exist) and the EM
-        sub-grids of the paths between them."""
+        sub-grids of the paths between them. The states stay as they are."""
         ts = [float(t) for t in times]
         if (len(ts) < 2 or ts[0] != 0.0 or ts[-1] != 1.0
                 or any(b <= a for a, b in zip(ts, ts[1:], strict=False))):
@@ -445,68 +497,79 @@ class CREPE:
         for a, b in zip(ts, ts[1:], strict=False):
             m = max(self.min_substeps, math.ceil((b - a) / self.max_step - 1e-9))
             self._sub.append([a + (b - a) * n / m for n in range(m)] + [b])
-
-    @property
-    def substeps(self) -> list[int]:
-        """EM steps of the path between each pair of adjacent levels ``(K−1,)``."""
-        return [len(s) - 1 for s in self._sub]
+        if hasattr(self, "phi"):
+            self.phi = self._level_potentials()
 
     def _init_states(self) -> None:
         """One annealed reverse EM pass from the top prior through every level time."""
-        k = self.K
         x = self.top_std * torch.randn(self.B, self.C, self.D, dtype=self.dtype,
                                        device=self.device, generator=self.generator)
         levels = [x]
-        for j in range(k - 2, -1, -1):
+        for j in range(self.K - 2, -1, -1):
             sub = self._sub[j]
             for n in range(len(sub) - 1, 0, -1):
                 em = self.schedule.reverse_em(sub[n], sub[n] - sub[n - 1])
                 x, _ = self._reverse_step(x, self._scores(x, sub[n]), em, None)
             levels.append(x)
         self.x = torch.stack(levels[::-1]).contiguous()  # (K, B, C, D)
-        self.r = self._level_rewards()
 
     # ---- model evaluations ----
 
-    def _scores(self, x: torch.Tensor, t: float) -> list[torch.Tensor]:
+    def _scores(self, x: torch.Tensor, t: float, denoised: bool = False
+                ) -> tuple[list[torch.Tensor], torch.Tensor | None] | list[torch.Tensor]:
+        """The models' scores at ``(x, t)`` (and the first model's denoised mean from the
+        same call when ``denoised``)."""
         self.model_calls += len(self.models)
+        self.model_evals += len(self.models) * x.shape[1]
         with torch.no_grad():
-            return [m.score(x, t).to(x.dtype) for m in self.models]
-
-    def _scores_and_reward(self, x: torch.Tensor, t: float
-                           ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Scores at ``(x, t)`` and ``r_t(x)`` from the same call of the first model."""
-        self.model_calls += len(self.models)
-        with torch.no_grad():
+            if not denoised:
+                return [m.score(x, t).to(x.dtype) for m in self.models]
             s0, x0 = self.models[0].score_and_denoised(x, t)
             scores = [s0] + [m.score(x, t) for m in self.models[1:]]
-            return [s.to(x.dtype) for s in scores], self.reward(x0).double()
+            return [s.to(x.dtype) for s in scores], x0
 
-    def _reward_at(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """``r_t(x)`` ``(B, C)``: ``r(x)`` at t = 0, ``r(x̂_0(x, t))`` otherwise."""
-        with torch.no_grad():
-            if t == 0.0:
-                return self.reward(x).double()
-            self.model_calls += 1
-            return self.reward(self.models[0].denoise(x, t)).double()
-
-    def _level_rewards(self) -> torch.Tensor | None:
-        if self.reward is None:
+    def _potential(self, x: torch.Tensor, t: float, x0: torch.Tensor | None = None
+                   ) -> torch.Tensor | None:
+        """The level potential ``φ_t(x)`` ``(B, C)`` float64, or None when there is none:
+        ``Σ_j β_j log p_{j,t}(x)`` with ``weighting="density"``, plus ``r_t(x)`` (``r(x)`` at
+        t = 0, ``r(x̂_0(x, t))`` otherwise; ``x0`` is the denoised mean when known)."""
+        if not self.has_phi:
             return None
-        return torch.stack([self._reward_at(self.x[k], t) for k, t in enumerate(self.times)])
-
-    def _top_log_ratio(self, x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-        """ℓ(x) = Σ_j β_j (log p_{j,1}(x) − log prior(x)) + r_1(x) (the first term only with
-        ``exact_top``), ``(B, C)`` float64."""
         out = torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
-        if self.exact_top:
-            lp0 = _log_normal(x, self.prior_std)
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.density:
                 for b, m in zip(self.betas, self.models, strict=True):
-                    out = out + b * (m.log_prob(x, 1.0).double() - lp0)
-            self.log_prob_calls += len(self.models)
-        if r is not None:
-            out = out + r
+                    out = out + b * m.log_prob(x, t).double()
+                self.log_prob_calls += len(self.models)
+            if self.reward is not None:
+                if t == 0.0:
+                    x0 = x
+                elif x0 is None:
+                    self.model_calls += 1
+                    self.model_evals += x.shape[1]
+                    x0 = self.models[0].denoise(x, t)
+                out = out + self.reward(x0).double()
+        return out
+
+    def _level_potentials(self) -> torch.Tensor | None:
+        if not self.has_phi:
+            return None
+        return torch.stack([self._potential(self.x[k], t) for k, t in enumerate(self.times)])
+
+    def _top_ell(self, x: torch.Tensor, phi: torch.Tensor | None) -> torch.Tensor:
+        """``ℓ(x) = log γ_{K−1}(x) − log ρ(x)`` up to a constant, ρ = N(0, σ²/Σβ · I) the
+        top proposal: ``Σ_j β_j (log p_{j,1}(x) − log prior(x)) + r_1(x)``, the first term
+        only with ``exact_top`` (``(B, C)`` float64)."""
+        out = torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
+        if phi is not None:
+            out = out + phi
+        if self.exact_top:
+            out = out - self.beta_sum * _log_normal(x, self.prior_std)
+            if not self.density:  # φ holds only the reward: add the densities
+                with torch.no_grad():
+                    for b, m in zip(self.betas, self.models, strict=True):
+                        out = out + b * m.log_prob(x, 1.0).double()
+                self.log_prob_calls += len(self.models)
         return out
 
     # ---- paths ----
@@ -514,79 +577,96 @@ class CREPE:
     def _reverse_step(self, x: torch.Tensor, scores: list[torch.Tensor], em: ReverseEM,
                       logw: torch.Tensor | None, noise: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One annealed reverse EM step ``t → t − h`` and (with ``logw``) its weight Δ_n."""
+        """One annealed reverse EM step ``t → t − h`` and (with ``logw``) its weight:
+        Δ_n (``"path"``) or ``log F_n − log G_n`` (``"density"``)."""
         drift = em.drift(x, sum(b * s for b, s in zip(self.betas, scores, strict=True)))
-        if logw is None or not self.weighted:
+        if logw is None or self.delta_zero:
             x_new, _ = self.ops.em_step(x, drift, None, dt=em.dt, sigma=em.sigma, noise=noise,
                                         generator=self.generator)
             return x_new, logw
+        if self.density:
+            return self.ops.em_step(x, drift, logw, dt=em.dt, sigma=em.sigma, fwd_coef=1.0,
+                                    fwd_linear=em.fwd_linear, noise=noise,
+                                    generator=self.generator)
         refs = [em.drift(x, s) for s in scores]
         return self.ops.em_step(x, drift, logw, dt=em.dt, sigma=em.sigma, ref_drifts=refs,
                                 ref_coefs=self.betas, fwd_coef=1.0 - self.beta_sum,
                                 fwd_linear=em.fwd_linear, noise=noise, generator=self.generator)
 
-    def _denoise_path(self, k: int, x: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Denoise ``x`` (level k+1) to ``t_k``: ``(w_0, Δ(w), r_{t_k}(w_0) or None)``."""
-        sub = self._sub[k]
-        delta = torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
-        w = x
-        for n in range(len(sub) - 1, 0, -1):
-            em = self.schedule.reverse_em(sub[n], sub[n] - sub[n - 1])
-            w, delta = self._reverse_step(w, self._scores(w, sub[n]), em, delta)
-        r = None if self.reward is None else self._reward_at(w, sub[0])
-        return w, delta, r
+    def _pair_paths(self, k: int, x_lo: torch.Tensor, x_hi: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                               torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The two paths of a swap of levels (k, k+1).
 
-    def _noise_path(self, k: int, x: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Noise ``x`` (level k) up to ``t_{k+1}``: ``(z_M, Δ(z), r_{t_{k+1}}(z_M) or None)``.
-
-        Each forward step ``z → z'`` is drawn with the kernel F of the weight; then
-        :func:`pathsmc.ops.em_step` is called on the reverse step ``z' → z`` with the noise
-        that reproduces z, which adds that step's Δ_n.
+        Noise ``x_lo`` up to ``t_{k+1}`` with the forward kernel F (no model needed), then walk
+        the sub-grid down: at each ``s_n`` one model call on the pair ``(w_n, z_n)``
+        (concatenated along the chains) and one :func:`pathsmc.ops.em_step` that draws the
+        denoising step ``w_n → w_{n−1}`` and, for the noising path, evaluates the reverse step
+        ``z_n → z_{n−1}`` with the noise that reproduces ``z_{n−1}``; both add their step
+        weight. Returns ``(w_0, Δ(w), φ_{t_k}(w_0), z_M, Δ(z), φ_{t_{k+1}}(z_M))`` (the φ's
+        None without a level potential).
         """
         sub = self._sub[k]
-        delta = torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
-        z, r, m = x, None, len(sub) - 1
+        m, c = len(sub) - 1, x_lo.shape[1]
+        zs = [x_lo]
         for n in range(m):
-            t = sub[n + 1]
-            em = self.schedule.reverse_em(t, t - sub[n])
-            z_new, _ = self.ops.em_step(z, em.fwd_linear * z, None, dt=em.dt, sigma=em.sigma,
-                                        generator=self.generator)
-            last = n == m - 1
-            if self.weighted:
-                if last and self.reward is not None:
-                    scores, r = self._scores_and_reward(z_new, t)
+            em = self.schedule.reverse_em(sub[n + 1], sub[n + 1] - sub[n])
+            z, _ = self.ops.em_step(zs[-1], em.fwd_linear * zs[-1], None, dt=em.dt,
+                                    sigma=em.sigma, generator=self.generator)
+            zs.append(z)
+        shape = x_hi.shape[:-1]
+        if self.delta_zero:  # Δ ≡ 0: denoise only
+            w, x0_z = x_hi, None
+            for n in range(m, 0, -1):
+                em = self.schedule.reverse_em(sub[n], sub[n] - sub[n - 1])
+                w, _ = self._reverse_step(w, self._scores(w, sub[n]), em, None)
+            zero = torch.zeros(shape, dtype=torch.float64, device=w.device)
+            dw = dz = zero
+        else:
+            y = x_hi
+            delta = torch.zeros(shape[0], 2 * c, dtype=torch.float64, device=x_hi.device)
+            x0_z = None
+            for n in range(m, 0, -1):
+                t = sub[n]
+                em = self.schedule.reverse_em(t, t - sub[n - 1])
+                y = torch.cat([y[:, :c], zs[n]], 1)  # (w_n, z_n)
+                if n == m and self.reward is not None:
+                    scores, x0 = self._scores(y, t, denoised=True)
+                    x0_z = x0[:, c:]
                 else:
-                    scores = self._scores(z_new, t)
-                drift = em.drift(z_new, sum(b * s for b, s in zip(self.betas, scores,
-                                                                  strict=True)))
-                eps = (z - z_new - drift * em.dt) / (em.sigma * math.sqrt(em.dt))
-                _, delta = self._reverse_step(z_new, scores, em, delta, noise=eps)
-            elif last and self.reward is not None:
-                r = self._reward_at(z_new, t)
-            z = z_new
-        return z, delta, r
+                    scores = self._scores(y, t)
+                drift = em.drift(y, sum(b * s for b, s in zip(self.betas, scores,
+                                                              strict=True)))
+                eps_z = (zs[n - 1] - zs[n] - drift[:, c:] * em.dt) / (
+                    em.sigma * math.sqrt(em.dt))
+                eps_w = torch.randn(y[:, :c].shape, dtype=y.dtype, device=y.device,
+                                    generator=self.generator)
+                y, delta = self._reverse_step(y, scores, em, delta,
+                                              noise=torch.cat([eps_w, eps_z], 1))
+            w = y[:, :c]
+            dw, dz = delta[:, :c], delta[:, c:]
+        z = zs[-1]
+        return (w, dw, self._potential(w, sub[0]), z, dz, self._potential(z, sub[-1], x0_z))
 
     # ---- one round ----
 
     def _redraw_top(self, acc: dict[str, torch.Tensor]) -> None:
-        """Independence MH at the top level with proposal N(0, σ²/Σβ · I)."""
+        """Independence MH at the top level with proposal ρ = N(0, σ²/Σβ · I)."""
         k, bc = self.K - 1, self.B * self.C
         x_new = self.top_std * torch.randn(self.B, self.C, self.D, dtype=self.dtype,
                                            device=self.device, generator=self.generator)
-        r_new = None if self.reward is None else self._reward_at(x_new, 1.0)
-        if self.exact_top or self.reward is not None:
-            r_old = None if self.r is None else self.r[k]
-            log_a = self._top_log_ratio(x_new, r_new) - self._top_log_ratio(self.x[k], r_old)
+        phi_new = self._potential(x_new, 1.0)
+        if self.exact_top or self.has_phi:
+            phi_old = None if self.phi is None else self.phi[k]
+            log_a = self._top_ell(x_new, phi_new) - self._top_ell(self.x[k], phi_old)
             u = torch.rand(log_a.shape, dtype=torch.float64, device=self.device,
                            generator=self.generator)
             accept = torch.log(u) < log_a  # NaN: reject
-        else:
+        else:  # ℓ is constant: every redraw is an exact draw
             accept = torch.ones(self.B, self.C, dtype=torch.bool, device=self.device)
         self.x[k] = torch.where(accept.unsqueeze(-1), x_new, self.x[k])
-        if self.r is not None:
-            self.r[k] = torch.where(accept, r_new, self.r[k])
+        if self.phi is not None:
+            self.phi[k] = torch.where(accept, phi_new, self.phi[k])
         a = accept.reshape(bc)
         top = self.phase[k]
         acc["trips"] += a & (top == 2)
@@ -604,31 +684,31 @@ class CREPE:
         bc = b * c
         parity = self._parity()
         attempts[parity::2] += 1
-        # moved[k] = the state level k receives if its pair swaps (noised up from k-1 or
-        # denoised from k+1), placed at the partner's index: replica_swap exchanges them.
+        # moved[k]: the state level k receives if its pair swaps (noised up from k−1 or
+        # denoised from k+1), stored at the partner's index: replica_swap exchanges them.
         moved = torch.zeros_like(self.x)
         log_ratio = torch.zeros(k - 1, b, c, dtype=torch.float64, device=self.device)
-        r_moved = None if self.r is None else torch.zeros_like(self.r)
+        phi_moved = None if self.phi is None else torch.zeros_like(self.phi)
         for lo in range(parity, k - 1, 2):
-            w, dw, rw = self._denoise_path(lo, self.x[lo + 1])
-            z, dz, rz = self._noise_path(lo, self.x[lo])
+            w, dw, phi_w, z, dz, phi_z = self._pair_paths(lo, self.x[lo], self.x[lo + 1])
             moved[lo], moved[lo + 1] = z, w
-            if self.r is None:
+            if self.phi is None:
                 log_ratio[lo] = swap_log_ratio(dw, dz)
             else:
-                log_ratio[lo] = swap_log_ratio(dw, dz, rw - self.r[lo], rz - self.r[lo + 1])
-                r_moved[lo], r_moved[lo + 1] = rz, rw
+                log_ratio[lo] = swap_log_ratio(dw, dz, phi_w - self.phi[lo],
+                                               phi_z - self.phi[lo + 1])
+                phi_moved[lo], phi_moved[lo + 1] = phi_z, phi_w
         lr = log_ratio.view(k - 1, bc)
         states = [moved.view(k, bc, d), self.phase]
-        if r_moved is not None:
-            states.append(r_moved.view(k, bc))
+        if phi_moved is not None:
+            states.append(phi_moved.view(k, bc))
         out, accepted, perm = self.ops.replica_swap(states, lr, parity,
                                                     generator=self.generator)
         swapped = perm != torch.arange(k, device=self.device).unsqueeze(-1)  # (K, BC)
         self.x = torch.where(swapped.view(k, b, c, 1), out[0].view(k, b, c, d), self.x)
         self.phase = out[1]
-        if r_moved is not None:
-            self.r = torch.where(swapped.view(k, b, c), out[2].view(k, b, c), self.r)
+        if phi_moved is not None:
+            self.phi = torch.where(swapped.view(k, b, c), out[2].view(k, b, c), self.phi)
         p0 = self.phase[0]
         acc["restarts"] += p0 == 1
         self.phase[0] = torch.where(p0 == 1, torch.full_like(p0, 2), p0)
@@ -668,9 +748,9 @@ class CREPE:
 
         With ``adapt_times = n > 0`` the burn-in is split into n + 1 equal phases and after
         each of the first n the level times move to equalize the phase's swap rejection rates
-        (:func:`pathsmc.tempering.optimal_schedule` on times; the states stay where they are
-        and the remaining burn-in absorbs the change). The recorded rounds run with fixed
-        times. Nothing is read from the device inside the recorded rounds.
+        (:func:`pathsmc.tempering.optimal_schedule` applied to times; the states stay where
+        they are and the rest of the burn-in absorbs the change). The recorded rounds run with
+        fixed times; nothing is read from the device until they are done.
         """
         rounds, burn_in, adapt_times = int(rounds), int(burn_in), int(adapt_times)
         if rounds < 1 or burn_in < 0 or adapt_times < 0:
@@ -704,14 +784,17 @@ class CREPE:
         k, b, c = self.K, self.B, self.C
         host = {n: t.cpu() for n, t in acc.items() if isinstance(t, torch.Tensor)}
         att = torch.as_tensor(acc["attempts"], dtype=torch.float64).view(k - 1, 1, 1)
-        rb = (host["swap_rb"].view(k - 1, b, c) / att.clamp_min(1))  # per chain
+        rb = host["swap_rb"].view(k - 1, b, c) / att.clamp_min(1)  # per chain
         rb = torch.where(att > 0, rb, torch.nan)
         swap_accept = rb.mean(-1).T.contiguous()
-        emp = host["swap_acc"].view(k - 1, b, c).sum(-1).double() / (att.view(k - 1, 1) * c)
+        att2 = att.view(k - 1, 1)
+        emp = host["swap_acc"].view(k - 1, b, c).sum(-1).double() / (att2.clamp_min(1) * c)
+        emp = torch.where(att2 > 0, emp, torch.nan)
         return CREPEResult(
             samples=torch.stack(samples).cpu(),
             states=self.x.cpu(),
             times=list(self.times),
+            substeps=self.substeps,
             swap_accept=swap_accept,
             swap_accept_se=_se(rb).T.contiguous(),
             swap_accept_empirical=emp.T.contiguous(),
@@ -721,7 +804,7 @@ class CREPE:
             round_trips=host["trips"].view(b, c),
             rounds=rounds, burn_in=burn_in,
             model_calls=self.model_calls, log_prob_calls=self.log_prob_calls,
-            model_evals=self.model_calls * c, schedules=schedules, seconds=seconds,
+            model_evals=self.model_evals, schedules=schedules, seconds=seconds,
             all_samples=torch.stack(every).cpu() if every else None,
         )
 
@@ -738,10 +821,12 @@ def crepe(
 ) -> CREPEResult:
     """Run CREPE: build a :class:`CREPE` sampler and :meth:`~CREPE.run` it.
 
-    ``kwargs`` go to :class:`CREPE` (``beta``, ``reward``, ``num_levels``, ``times``,
-    ``substeps``, ``num_chains``, ``num_problems``, ``swap``, ``exact_top``, ``dtype``,
-    ``device``, ``generator``, ``ops``, ...); ``seed`` creates ``generator`` on ``device``
-    when that is not given. Returns the :class:`CREPEResult` of the recorded rounds.
+    ``kwargs`` go to :class:`CREPE` (``beta``, ``reward``, ``weighting``, ``num_levels``,
+    ``times``, ``max_step``, ``substeps``, ``num_chains``, ``num_problems``, ``swap``,
+    ``exact_top``, ``init``, ``dtype``, ``device``, ``generator``, ``ops``); ``seed`` creates
+    ``generator`` on ``device`` when that is not given; ``rounds``, ``burn_in``,
+    ``adapt_times`` and ``record_all`` go to :meth:`CREPE.run`. Returns the
+    :class:`CREPEResult` of the recorded rounds.
     """
     if kwargs.get("generator") is None and seed is not None:
         device = torch.device(kwargs.get("device", "cpu"))
