@@ -30,6 +30,21 @@ inline void parallel_rows(int64_t rows, int64_t work_per_row, const F& f) {
   at::parallel_for(0, rows, grain, f);
 }
 
+template <typename T>
+bool any_posinf(const T* p, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) bad |= (p[i] == static_cast<T>(INFINITY));
+  return bad != 0;
+}
+
+// Log-weights must not hold +inf (NaN is a dead particle, -inf a zero weight).
+inline void check_no_posinf_cpu(const at::Tensor& w, const char* name) {
+  const bool bad = w.scalar_type() == at::kDouble ? any_posinf(w.data_ptr<double>(), w.numel())
+                                                  : any_posinf(w.data_ptr<float>(), w.numel());
+  TORCH_CHECK_VALUE(!bad, name, ": contains +inf; log-weights must be finite, -inf or NaN");
+}
+
 // Dead particles: NaN log-weights count as -inf.
 inline double clean_logw(double v) { return std::isnan(v) ? -INFINITY : v; }
 

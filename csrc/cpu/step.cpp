@@ -102,6 +102,73 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
   double coef_total = args.fwd_coef;
   for (double c : args.coefs) coef_total += c;
 
+  // Short rows: whole groups of rows in flat, vectorized loops (per-element weight
+  // contributions, then tiny per-row sums); the per-row loop below would spend its time on
+  // loop overheads. Step sizes are spread per element so per-row dt/sigma take the same path.
+  if (D < kChunk / 4) {
+    const int64_t group = kChunk / D;
+    parallel_rows(rows, D * (2 + K), [&](int64_t r0, int64_t r1) {
+      alignas(64) scalar_t eps_buf[kChunk], hv[kChunk], sv[kChunk], hsv[kChunk];
+      alignas(64) double contrib[kChunk], log_norm[kChunk];
+      const bool per_row = args.row_dt || args.row_sigma;
+      int64_t filled_b = -1;  // the problem whose step sizes fill the arrays (-1: none yet)
+      auto fill = [&](int64_t from, int64_t count, int64_t b) {
+        const RowStep st = RowStep::of(b, args.dt, args.sigma, args.row_dt, args.row_sigma);
+        std::fill_n(hv + from * D, count * D, static_cast<scalar_t>(st.h));
+        std::fill_n(sv + from * D, count * D, static_cast<scalar_t>(st.s));
+        std::fill_n(hsv + from * D, count * D,
+                    static_cast<scalar_t>(weighted ? st.h / st.s : 0.0));
+        std::fill_n(log_norm + from, count,
+                    weighted ? gaussian_log_norm(D, st.s) * (coef_total - 1.0) : 0.0);
+      };
+      if (!per_row) fill(0, group, 0);  // one step size: fill once
+      for (int64_t g0 = r0; g0 < r1; g0 += group) {
+        const int64_t g1 = std::min(r1, g0 + group), base = g0 * D, len = (g1 - g0) * D;
+        if (per_row && !(g0 / N == (g1 - 1) / N && g0 / N == filled_b)) {
+          for (int64_t r = g0; r < g1;) {  // runs of rows of the same problem
+            const int64_t b = r / N, r_end = std::min(g1, (b + 1) * N);
+            fill(r - g0, r_end - r, b);
+            r = r_end;
+          }
+          filled_b = g0 / N == (g1 - 1) / N ? g0 / N : -1;
+        }
+        const scalar_t* eps = np ? np + base : eps_buf;
+        if (!np) fill_normals<scalar_t>(args.seed, args.offset, base, len, eps_buf);
+        const scalar_t *xr = xp + base, *ar = ap + base;
+        scalar_t* xw = xo + base;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) xw[i] = xr[i] + ar[i] * hv[i] + sv[i] * eps[i];
+        if (!weighted) continue;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) contrib[i] = 0.5 * static_cast<double>(eps[i]) * eps[i];
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* br = bp[k] + base;
+          const double half_c = 0.5 * args.coefs[k];
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) {
+            const scalar_t z = ref_residual<scalar_t>(ar[i], br[i], hsv[i], eps[i]);
+            contrib[i] -= half_c * static_cast<double>(z) * z;
+          }
+        }
+        if (fwd) {
+          const double half_c = 0.5 * args.fwd_coef;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) {
+            const scalar_t z = fwd_residual<scalar_t>(ar[i], xw[i], lam, hsv[i], eps[i]);
+            contrib[i] -= half_c * static_cast<double>(z) * z;
+          }
+        }
+        for (int64_t r = g0; r < g1; ++r) {
+          const double* c = contrib + (r - g0) * D;
+          double delta = log_norm[r - g0];
+          for (int64_t d = 0; d < D; ++d) delta += c[d];
+          lwo[r] = static_cast<weight_t>(static_cast<double>(lw[r]) + delta);
+        }
+      }
+    });
+    return;
+  }
+
   parallel_rows(rows, D * (2 + K), [&](int64_t r0, int64_t r1) {
     std::vector<scalar_t> eps_buf(np ? 0 : kChunk);
     std::vector<double> ss_ref(K);
@@ -191,6 +258,7 @@ std::tuple<at::Tensor, at::Tensor> em_step_cpu(
   at::Tensor x_out = at::empty_like(x);
   at::Tensor logw_out = logw.defined() ? at::empty_like(logw)
                                        : at::empty({0}, x.options().dtype(at::kDouble));
+  if (logw.defined()) check_no_posinf_cpu(logw, "logw");
   const at::Tensor* np = noise.defined() ? &noise : nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pathsmc::em_step", [&] {
     if (!logw.defined()) {

@@ -67,13 +67,6 @@ def check_finite(t: torch.Tensor, name: str) -> None:
             raise ValueError(f"{name}: contains non-finite values (NaN or inf)")
 
 
-def check_no_posinf(t: torch.Tensor, name: str) -> None:
-    """+inf log-weights have no meaning (NaN is a dead particle, -inf a zero weight)."""
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(torch.isposinf(t).any()):
-            raise ValueError(f"{name}: contains +inf; log-weights must be finite, -inf or NaN")
-
-
 def check_uniforms(u: torch.Tensor, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
     check_tensor(u, name, shape=shape, device=device)
     if u.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -93,9 +86,11 @@ def check_positive(v: float, name: str, *, allow_zero: bool = False) -> float:
 
 def states_to_bnd(x: torch.Tensor, name: str) -> torch.Tensor:
     """(N, D) -> (1, N, D); (B, N, *event) -> (B, N, prod(event)). A view when possible."""
-    if x.dim() == 2:
+    if x.dim() == 3:
+        x3 = x
+    elif x.dim() == 2:
         x3 = x.unsqueeze(0)
-    elif x.dim() >= 3:
+    elif x.dim() > 3:
         x3 = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
     else:
         raise ValueError(f"{name}: expected shape (N, D) or (B, N, *event), got {tuple(x.shape)}")

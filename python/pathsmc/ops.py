@@ -19,7 +19,6 @@ import torch
 import pathsmc._build  # noqa: F401  (loads the extension and registers torch.ops.pathsmc)
 from pathsmc._validate import (
     FLOAT_DTYPES,
-    check_no_posinf,
     check_positive,
     check_scheme,
     check_tensor,
@@ -124,15 +123,18 @@ def em_step(
     refs = [_like_states(r, f"ref_drifts[{i}]", x, x.shape) for i, r in enumerate(refs)]
     lw = None
     if logw is not None:
-        lw = _check_logw(logw, "logw", b, n, x.device)
-        check_no_posinf(lw, "logw")
+        lw = _check_logw(logw, "logw", b, n, x.device)  # +inf is rejected by the CPU kernel
     elif refs or fwd_coef != 0.0:
         raise ValueError("logw: ref_drifts/fwd_coef were given but logw is None; pass the "
                          "log-weights to accumulate the step weight into")
     nz = None if noise is None else _like_states(noise, "noise", x, x.shape)
     x_new, lw_new = _ops.em_step(x3, d3, lw, dt, sigma, refs, coefs, float(fwd_coef),
                                  float(fwd_linear), nz, generator, row_dt, row_sigma)
-    return x_new.view(x.shape), (None if logw is None else lw_new.view(logw.shape))
+    if x.dim() != 3:
+        x_new = x_new.view(x.shape)
+    if logw is None:
+        return x_new, None
+    return x_new, (lw_new if logw.dim() == 2 else lw_new.view(logw.shape))
 
 
 def kernel_logpdf(
