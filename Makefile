@@ -9,7 +9,7 @@ BUILT  := $(VENV)/.stamp-build
 SRCS   := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 PIP    := $(VPY) -m pip install --disable-pip-version-check -q
 # Packages the build and the tests need; only installed when not importable (GPU hosts are offline).
-NEEDED := scikit_build_core pybind11 ninja pytest numpy matplotlib tqdm
+NEEDED := scikit_build_core pybind11 ninja pytest numpy matplotlib tqdm ruff
 
 CUDA_VENV := .venv-cuda
 CUDA_VPY  := $(CUDA_VENV)/bin/python

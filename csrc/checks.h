@@ -52,6 +52,7 @@ inline EmStepInputs check_em_step(const at::Tensor& x, const at::Tensor& drift,
                                   const std::optional<at::Tensor>& row_dt,
                                   const std::optional<at::Tensor>& row_sigma) {
   TORCH_CHECK(x.dim() == 3, "em_step: x must be (B, N, D), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(2) > 0, "em_step: x has an empty event (D = 0)");
   check_same(drift, x, "em_step", "drift", "x");
   TORCH_CHECK(ref_drifts.size() == ref_coefs.size(),
               "em_step: ref_coefs must have one entry per ref_drifts tensor");
@@ -83,6 +84,7 @@ inline KernelLogpdfInputs check_kernel_logpdf(const at::Tensor& y, const at::Ten
                                               const std::optional<at::Tensor>& drift,
                                               double dt, double sigma, const at::Tensor& logw) {
   TORCH_CHECK(y.dim() == 3, "kernel_logpdf: y must be (B, N, D), got ", y.sizes());
+  TORCH_CHECK_VALUE(y.size(2) > 0, "kernel_logpdf: y has an empty event (D = 0)");
   check_same(base, y, "kernel_logpdf", "base", "y");
   check_rows(logw, y, "kernel_logpdf", "logw");
   TORCH_CHECK(sigma > 0 && dt > 0, "kernel_logpdf: dt and sigma must be > 0");
@@ -103,6 +105,7 @@ inline MalaInputs check_mala(const at::Tensor& x, const at::Tensor& x_prop,
                              const at::Tensor& grad, const at::Tensor& grad_prop,
                              const at::Tensor& step, const std::optional<at::Tensor>& uniforms) {
   TORCH_CHECK(x.dim() == 3, "mala_accept: x must be (B, N, D), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(2) > 0, "mala_accept: x has an empty event (D = 0)");
   check_same(x_prop, x, "mala_accept", "x_prop", "x");
   check_same(grad, x, "mala_accept", "grad", "x");
   check_same(grad_prop, x, "mala_accept", "grad_prop", "x");

@@ -21,7 +21,7 @@ from pathsmc.cli import main
 from pathsmc.demo import (
     DEFAULT_THETA,
     STEER_MODES,
-    SMCResult,
+    TiltedSMCResult,
     case_stats,
     format_steering_table,
     run_steering_table,
@@ -41,7 +41,7 @@ def problem():
     return mixture, theta, float(tilt.log_z), tilt.mixture.mean()
 
 
-def z_scores(res: SMCResult, log_z: float, mean: torch.Tensor) -> tuple[float, torch.Tensor]:
+def z_scores(res: TiltedSMCResult, log_z: float, mean: torch.Tensor) -> tuple[float, torch.Tensor]:
     """(log Ẑ − log Z) and (posterior mean − exact mean) in standard errors over runs."""
     n = res.log_z.numel()
     lz = res.log_z

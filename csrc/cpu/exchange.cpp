@@ -103,7 +103,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> replica_swap_cpu(
   for (const auto& s_in : states) {
     const at::Tensor s = s_in.contiguous();
     at::Tensor o = at::empty_like(s);
-    const int64_t bytes = s.numel() / (K * C) * s.element_size();
+    const int64_t bytes = K * C == 0 ? 0 : s.numel() / (K * C) * s.element_size();
     const char* src = static_cast<const char*>(s.data_ptr());
     char* dst = static_cast<char*>(o.data_ptr());
     at::parallel_for(0, K * C, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),

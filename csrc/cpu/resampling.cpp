@@ -111,10 +111,8 @@ struct RowWeights {
 
 // #{i < M : position_i < target}, positions (i + u_i) nondecreasing, evaluated with the exact
 // comparison the merge uses, so that chunks computed in parallel tile [0, M) exactly.
-int64_t count_below(double target, int64_t M, bool systematic, const Uniforms& u, int64_t b) {
-  auto below = [&](int64_t i) {
-    return static_cast<double>(i) + (systematic ? u.get(b, 0) : u.get(b, i)) < target;
-  };
+int64_t count_below(double target, int64_t M, const Uniforms& u, int64_t b) {
+  auto below = [&](int64_t i) { return static_cast<double>(i) + u.get(b, i) < target; };
   int64_t k = static_cast<int64_t>(std::clamp(std::floor(target), 0.0, static_cast<double>(M)));
   while (k > 0 && !below(k - 1)) --k;
   while (k < M && below(k)) ++k;
@@ -142,7 +140,7 @@ void merge_sorted_positions(double* w, const RowWeights& rw, int64_t N, int64_t 
   const double u0 = systematic ? u.get(b, 0) : 0.0;
   auto count = [&](double target) {
     return systematic ? count_below_systematic(target, u0, M)
-                      : count_below(target, M, false, u, b);
+                      : count_below(target, M, u, b);
   };
   at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -213,7 +211,7 @@ void resample_row(double* w, const RowWeights& rw, int64_t N, int64_t M, Scheme 
       // In-kernel randomness: M sorted iid uniforms from normalized exponential spacings
       // (u_(i) = S_i / S_M, S the running sum of M + 1 Exp(1) draws), then one O(N + M) merge
       // instead of M cache-missing binary searches. Same law as M independent draws; the
-      // ancestors come out sorted, as with the other schemes.
+      // ancestors come out sorted (explicit uniforms keep their order, and so does CUDA).
       std::vector<double>& pos = position_scratch(M + 1);
 #pragma omp simd
       for (int64_t i = 0; i <= M; ++i)

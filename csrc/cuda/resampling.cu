@@ -36,7 +36,6 @@ constexpr int64_t kChunk = kThreads * kItems;  // particles per chunk (one block
 struct RowState {
   double* max;        // (B,)
   double* total;      // (B,)
-  double* total_sq;   // (B,)
   int64_t* last_live; // (B,)
   bool* go;           // (B,) row resamples
   double* log_mean;   // (B,)
@@ -133,11 +132,15 @@ __global__ void row_total_kernel(double* __restrict__ ctotal, const double* __re
       sq += csq[b * nc + c];
       last = max(last, clast[b * nc + c]);
     }
-    const bool dead = rs.max[b] == -INFINITY;
+    // +inf log-weights are invalid (the CPU raises; a kernel cannot): such rows, like dead
+    // rows, keep their particles and report ESS 0, log Ẑ = +inf.
+    const bool invalid = rs.max[b] == INFINITY;
+    const bool dead = rs.max[b] == -INFINITY || invalid || last < 0;
     rs.total[b] = run;
-    rs.total_sq[b] = sq;
     rs.last_live[b] = last;
-    rs.log_mean[b] = dead ? -INFINITY : rs.max[b] + log(run) - log(static_cast<double>(N));
+    rs.log_mean[b] = invalid ? INFINITY
+                     : dead  ? -INFINITY
+                             : rs.max[b] + log(run) - log(static_cast<double>(N));
     const double ess = dead ? 0.0 : run * run / sq;
     rs.go[b] = !dead && (threshold >= 1.0 || ess < threshold * static_cast<double>(N));
   }
@@ -260,15 +263,15 @@ at::Tensor ancestors(const at::Tensor& logw, Scheme scheme, int64_t M,
   auto iopt = logw.options().dtype(at::kLong);
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor anc = at::empty({B, M}, iopt);
-  row_buf = at::empty({4, B}, dopt);  // max, total, total_sq, log_mean
+  row_buf = at::empty({3, B}, dopt);  // max, total, log_mean
   at::Tensor last_live = at::empty({B}, iopt);
   go = at::empty({B}, logw.options().dtype(at::kBool));
+  if (B == 0) return anc;
   at::Tensor cum = at::empty({B, N}, dopt);
   at::Tensor cstat = at::empty({2, B, nc}, dopt);  // chunk max / total (then prefix), chunk sq
   at::Tensor clast = at::empty({B, nc}, iopt);
   RowState rs{row_buf[0].data_ptr<double>(), row_buf[1].data_ptr<double>(),
-              row_buf[2].data_ptr<double>(), last_live.data_ptr<int64_t>(),
-              go.data_ptr<bool>(), row_buf[3].data_ptr<double>()};
+              last_live.data_ptr<int64_t>(), go.data_ptr<bool>(), row_buf[2].data_ptr<double>()};
   double* cmax = cstat[0].data_ptr<double>();
   double* csq = cstat[1].data_ptr<double>();
 
@@ -398,7 +401,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
   at::Tensor row_buf, go;
   at::Tensor anc = ancestors(logw, scheme, N, uniforms, generator, threshold, row_buf, go);
   // Resampled rows restart from log Ẑ; others keep their weights.
-  const at::Tensor log_mean = row_buf[3].to(logw.scalar_type()).unsqueeze(1);
+  const at::Tensor log_mean = row_buf[2].to(logw.scalar_type()).unsqueeze(1);
   at::Tensor logw_out = at::where(go.unsqueeze(1), log_mean, logw);
   return {gather_particles(states, anc, N, 0, false), logw_out, anc, go};
 }

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(const weight_t* __r
     __syncthreads();
     m = shared_max;
     double s1 = 0.0, s2 = 0.0;
-    if (m != -INFINITY) {
+    if (m != -INFINITY && m != INFINITY) {
       for (int64_t j = threadIdx.x; j < N; j += kThreads) {
         const double e = exp_nonpos(static_cast<double>(row[j]) - m);
         s1 += e;
@@ -45,10 +45,12 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(const weight_t* __r
     __syncthreads();
     s2 = Reduce(tmp).Sum(s2);
     if (threadIdx.x == 0) {
-      const bool dead = m == -INFINITY;
+      // +inf log-weights are invalid (the CPU raises; a kernel cannot): reported like a dead
+      // row with log Ẑ = +inf, so that the drivers flag it instead of propagating NaN.
+      const bool dead = m == -INFINITY || m == INFINITY;
       const double lse = dead ? -INFINITY : m + log(s1);
       shared_lse = lse;
-      log_mean[b] = static_cast<weight_t>(lse - log_n);
+      log_mean[b] = static_cast<weight_t>(m == INFINITY ? INFINITY : lse - log_n);
       ess[b] = static_cast<weight_t>(dead ? 0.0 : s1 * s1 / s2);
     }
     __syncthreads();

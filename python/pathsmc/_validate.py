@@ -60,13 +60,6 @@ def check_tensor(
     return t
 
 
-def check_finite(t: torch.Tensor, name: str) -> None:
-    """Raise if a CPU tensor holds NaN or ±inf (skipped on CUDA: no host sync)."""
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: contains non-finite values (NaN or inf)")
-
-
 def check_uniforms(u: torch.Tensor, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
     check_tensor(u, name, shape=shape, device=device)
     if u.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -96,6 +89,8 @@ def states_to_bnd(x: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: expected shape (N, D) or (B, N, *event), got {tuple(x.shape)}")
     if x3.shape[1] == 0:
         raise ValueError(f"{name}: empty population (N = 0) in shape {tuple(x.shape)}")
+    if x3.shape[2] == 0:
+        raise ValueError(f"{name}: empty event (D = 0) in shape {tuple(x.shape)}")
     return x3
 
 

@@ -159,7 +159,7 @@ import torch
 from pathsmc.diffusion import DiffusionModel, ReverseEM
 from pathsmc.tempering import optimal_schedule
 
-__all__ = ["CREPE", "CREPEResult", "crepe", "swap_log_ratio"]
+__all__ = ["CREPE", "CREPEResult", "crepe", "default_times", "swap_log_ratio"]
 
 _SWAPS = ("deo", "seo")
 _WEIGHTINGS = ("path", "density")

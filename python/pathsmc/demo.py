@@ -52,7 +52,7 @@ __all__ = [
     "CaseRun",
     "CaseStats",
     "ExactTarget",
-    "SMCResult",
+    "TiltedSMCResult",
     "SteerCase",
     "case_stats",
     "format_steering_table",
@@ -77,7 +77,7 @@ _TWISTS = {
 
 
 @dataclass
-class SMCResult:
+class TiltedSMCResult:
     """Output of :func:`run_tilted_smc` (one row per independent run)."""
 
     log_z: torch.Tensor
@@ -144,7 +144,7 @@ def run_tilted_smc(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     desc: str | None = None,
-) -> SMCResult:
+) -> TiltedSMCResult:
     """SMC from the prior to ``p(x) exp(θ·x) / Z`` along the reverse diffusion of ``mixture``.
 
     Args:
@@ -172,7 +172,7 @@ def run_tilted_smc(
         desc: label of the bar.
 
     Returns:
-        :class:`SMCResult` with log Ẑ, final ESS, particles and weights per run, and timings.
+        :class:`TiltedSMCResult` with log Ẑ, final ESS, particles and weights per run, and timings.
     """
     if twist not in ("tweedie", "value"):
         raise ValueError(f"twist: expected 'tweedie' or 'value', got {twist!r}")
@@ -239,7 +239,7 @@ def run_tilted_smc(
         with op_timer:
             _, log_z, ess = ops.normalize(logw)
         min_ess = torch.minimum(min_ess, ess.double())
-    return SMCResult(
+    return TiltedSMCResult(
         log_z=log_z.double().cpu(), ess=ess.double().cpu(), particles=x.cpu(),
         logw=logw.double().cpu(), num_resamples=n_res.cpu(), min_ess=min_ess.cpu(),
         loop_seconds=loop_timer.total, ops_seconds=op_timer.total,
@@ -249,7 +249,7 @@ def run_tilted_smc(
 def plot_result(
     mixture: GaussianMixture,
     tilted: GaussianMixture,
-    result: SMCResult,
+    result: TiltedSMCResult,
     path: Path,
     *,
     theta: torch.Tensor,
@@ -636,7 +636,7 @@ def plot_mode(mode: str, rows: Sequence[CaseRun], path: Path, *, seed: int = 0) 
     return path
 
 
-def _fmt_row(name: str, res: SMCResult, log_z: float, n: int) -> str:
+def _fmt_row(name: str, res: TiltedSMCResult, log_z: float, n: int) -> str:
     lz = res.log_z
     runs = lz.numel()
     sd = float(lz.std()) if runs > 1 else math.nan

@@ -51,6 +51,7 @@ __all__ = [
     "VPSchedule",
     "VESchedule",
     "convert_prediction",
+    "fk_potential",
     "steer",
     "time_grid",
 ]

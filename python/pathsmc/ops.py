@@ -292,15 +292,9 @@ def mala_accept(
     check_tensor(logp_prop, "logp_prop", shape=tuple(logp.shape), dtypes=(logp.dtype,),
                  device=x.device)
     lpp = logw_to_bn(logp_prop, "logp_prop")
-    if isinstance(step, torch.Tensor):
-        check_tensor(step, "step", device=x.device)
-        if step.numel() not in (1, b) or step.dim() > 1:
-            raise ValueError(f"step: expected a float or a tensor of shape ({b},), "
-                             f"got shape {tuple(step.shape)}")
-        st = step.to(torch.float64).reshape(-1).expand(b).contiguous()
-    else:
-        check_positive(step, "step")
-        st = torch.full((b,), float(step), dtype=torch.float64, device=x.device)
+    step_value, st = _scalar_or_rows(step, "step", b, x.device)
+    if st is None:
+        st = torch.full((b,), step_value, dtype=torch.float64, device=x.device)
     u = None
     if uniforms is not None:
         check_uniforms(uniforms, "uniforms", tuple(logp.shape), x.device)

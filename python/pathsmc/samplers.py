@@ -214,10 +214,13 @@ def _eval(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lp.to(torch.float64), g.to(x.dtype)
 
 
-def _mix(beta: torch.Tensor, ref: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """``(1 − β)·ref + β·tgt`` with β ``(B,)`` broadcast over the trailing dims."""
-    b = beta.to(tgt.dtype).reshape(-1, *([1] * (tgt.dim() - 1)))
-    return torch.lerp(ref.to(tgt.dtype), tgt, b)
+def geometric_mix(beta: torch.Tensor, ref: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """``(1 − β)·ref + β·tgt`` (log-densities or gradients of the geometric path), β broadcast
+    over the trailing dims. The ends are exact: β = 0 gives ``ref`` even where ``tgt`` is −inf
+    (``lerp`` would give NaN there), β = 1 gives ``tgt``."""
+    b = beta.to(tgt.dtype).reshape(*beta.shape, *([1] * (tgt.dim() - beta.dim())))
+    ref = ref.to(tgt.dtype)
+    return torch.where(b == 0, ref, torch.where(b == 1, tgt, torch.lerp(ref, tgt, b)))
 
 
 def annealed_smc(
@@ -387,16 +390,17 @@ def _mala_moves(target, reference, x, lt, lr, gt, beta, log_h, moves, target_acc
     """``moves`` MALA steps targeting π_β per row; adapts log h per row after each."""
     b = x.shape[0]
     _, gr = _eval(reference, x)
-    logp = _mix(beta, lr, lt)
-    grad = _mix(beta, gr, gt)
+    logp = geometric_mix(beta, lr, lt)
+    grad = geometric_mix(beta, gr, gt)
     acc_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
     for _ in range(moves):
         h = log_h.exp().to(x.dtype).double()  # the same h (x's precision) in both ops
         x_prop, _ = ops.em_step(x, grad, dt=h, sigma=_SQRT2, generator=generator)
         lt_p, gt_p = _eval(target, x_prop)
         lr_p, gr_p = _eval(reference, x_prop)
-        x, logp, grad, acc = ops.mala_accept(x, x_prop, logp, _mix(beta, lr_p, lt_p), grad,
-                                             _mix(beta, gr_p, gt_p), h, generator=generator)
+        x, logp, grad, acc = ops.mala_accept(x, x_prop, logp, geometric_mix(beta, lr_p, lt_p),
+                                             grad, geometric_mix(beta, gr_p, gt_p), h,
+                                             generator=generator)
         lt = torch.where(acc, lt_p, lt)
         lr = torch.where(acc, lr_p, lr)
         gt = torch.where(acc.unsqueeze(-1), gt_p, gt)

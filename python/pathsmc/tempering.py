@@ -87,6 +87,7 @@ import numpy as np
 import torch
 
 from pathsmc import ops
+from pathsmc.samplers import geometric_mix
 
 __all__ = [
     "MonotoneCubic",
@@ -648,9 +649,8 @@ class ParallelTempering:
         rows = kk * b
         x, lt, lr, gt, gr = (t[lo:] for t in (self.x, self.lt, self.lr, self.gt, self.gr))
         beta = self._betas[lo:]  # (kk, B)
-        b3, b4 = beta.unsqueeze(-1), beta.to(self.dtype).unsqueeze(-1).unsqueeze(-1)
-        logp = torch.lerp(lr, lt, b3)
-        grad = torch.lerp(gr, gt, b4)
+        logp = geometric_mix(beta, lr, lt)
+        grad = geometric_mix(beta, gr, gt)
         for _ in range(self.local_steps):
             log_h = self._log_h[lo:]
             h = log_h.exp().to(self.dtype).double()  # the same h (x's precision) in both ops
@@ -659,8 +659,8 @@ class ParallelTempering:
             x_prop = x_prop.view(kk, b, c, d)
             lt_p, gt_p = self._eval_target(x_prop)
             lr_p, gr_p = _eval(self.reference, x_prop)
-            logp_p = torch.lerp(lr_p, lt_p, b3)
-            grad_p = torch.lerp(gr_p, gt_p, b4)
+            logp_p = geometric_mix(beta, lr_p, lt_p)
+            grad_p = geometric_mix(beta, gr_p, gt_p)
             xo, lpo, go, acc = ops.mala_accept(
                 x.reshape(rows, c, d), x_prop.reshape(rows, c, d), logp.reshape(rows, c),
                 logp_p.reshape(rows, c), grad.reshape(rows, c, d), grad_p.reshape(rows, c, d),

@@ -24,11 +24,6 @@ inline bool parse_scheme(std::string_view name, Scheme* out) {
   return false;
 }
 
-// The i-th of M sorted positions in [0, 1), given its uniform.
-PATHSMC_HD double sorted_position(int64_t i, double u, int64_t m) {
-  return (static_cast<double>(i) + u) / static_cast<double>(m);
-}
-
 // First index in the nondecreasing array c[0, n) whose value exceeds p (n if none).
 PATHSMC_HD int64_t upper_bound(const double* c, int64_t n, double p) {
   int64_t lo = 0, hi = n;

@@ -66,9 +66,9 @@ def _as_covariances(covs: torch.Tensor, k: int, d: int) -> torch.Tensor:
                      f"got {tuple(covs.shape)}")
 
 
-def _cholesky(mats: torch.Tensor, name: str) -> torch.Tensor:
+def _cholesky(mats: torch.Tensor, name: str, validate: bool = True) -> torch.Tensor:
     chol, info = torch.linalg.cholesky_ex(mats)
-    if bool((info != 0).any()):
+    if validate and bool((info != 0).any()):
         bad = int(torch.nonzero(info)[0, 0])
         raise ValueError(f"{name}: matrix {bad} is not symmetric positive definite")
     return chol
@@ -93,6 +93,7 @@ class GaussianMixture:
         *,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
+        validate: bool = True,
     ) -> None:
         means = torch.as_tensor(means)
         device = means.device if device is None else torch.device(device)
@@ -104,14 +105,16 @@ class GaussianMixture:
         weights = torch.as_tensor(weights).to(device=device, dtype=dtype)
         if tuple(weights.shape) != (k,):
             raise ValueError(f"weights: expected shape ({k},), got {tuple(weights.shape)}")
-        if not bool((weights > 0).all()) or not bool(torch.isfinite(weights).all()):
+        # (validate=False: derived mixtures whose parameters are valid by construction skip
+        # these data-dependent checks, which would sync with a GPU at every diffusion step)
+        if validate and (not bool((weights > 0).all()) or not bool(torch.isfinite(weights).all())):
             raise ValueError("weights: expected finite positive mixture weights")
         covs = _as_covariances(torch.as_tensor(covs).to(device=device, dtype=dtype), k, d)
         covs = 0.5 * (covs + covs.transpose(-1, -2))
         self.log_weights = torch.log(weights) - torch.logsumexp(torch.log(weights), 0)
         self.means = means
         self.covs = covs
-        self._chol = _cholesky(covs, "covs")
+        self._chol = _cholesky(covs, "covs", validate)
         self._prec = torch.cholesky_inverse(self._chol)
         self._logdet = 2.0 * torch.log(torch.diagonal(self._chol, dim1=-2, dim2=-1)).sum(-1)
 
@@ -511,8 +514,9 @@ class DiffusedGaussianMixture(GaussianMixture):
         if not (m > 0 and v >= 0):
             raise ValueError(f"DiffusedGaussianMixture: need m > 0 and v >= 0, got m={m}, v={v}")
         eye = torch.eye(base.dim, dtype=base.dtype, device=base.device)
+        # m² Σ_k + v I is SPD whenever Σ_k is: no data-dependent (host-syncing) checks per t
         super().__init__(base.weights, m * base.means, m * m * base.covs + v * eye,
-                         dtype=base.dtype, device=base.device)
+                         dtype=base.dtype, device=base.device, validate=False)
         self.base = base
         self.m, self.v, self.t = float(m), float(v), float(t)
         # Kalman gain of X_0 | X_t within component k: G_k = m Σ_k (m² Σ_k + v I)⁻¹.
