@@ -306,3 +306,14 @@ def test_checks_fail_when_perturbed(kind, monkeypatch):
 def test_unperturbed_small_run_passes():
     # The same configuration as the perturbed runs passes the same checks.
     assert check_many_well(run_many_well(n=512, b=16, seed=10), MW) == []
+
+
+def test_geometric_mix_ends_are_exact():
+    from pathsmc.samplers import geometric_mix
+
+    beta = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    ref = torch.tensor([[-1.0], [-1.0], [-1.0]], dtype=torch.float64)
+    tgt = torch.tensor([[-math.inf], [-3.0], [-math.inf]], dtype=torch.float64)
+    out = geometric_mix(beta, ref, tgt)
+    assert out[0, 0] == -1.0 and out[1, 0] == -2.0 and out[2, 0] == -math.inf
+    assert not torch.isnan(out).any()

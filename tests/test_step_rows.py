@@ -61,3 +61,10 @@ def test_opcheck_per_row():
             torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64),
             torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64))
     torch.library.opcheck(torch.ops.pathsmc.em_step.default, args)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 0), (2, 3, 1, 0)])
+def test_empty_event_is_a_clear_error(shape):
+    x = torch.zeros(shape)
+    with pytest.raises(ValueError, match="x: empty event"):
+        pathsmc.em_step(x, x, torch.zeros(shape[:2], dtype=torch.float64), dt=0.1, sigma=1.0)
