@@ -109,6 +109,13 @@ struct RowWeights {
   }
 };
 
+// Per-thread scratch for sorted positions (stratified, multinomial, residual).
+std::vector<double>& position_scratch(int64_t n) {
+  thread_local std::vector<double> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf;
+}
+
 // #{i < M : position_i < target}, positions (i + u_i) nondecreasing, evaluated with the exact
 // comparison the merge uses, so that chunks computed in parallel tile [0, M) exactly.
 int64_t count_below(double target, int64_t M, const Uniforms& u, int64_t b) {
@@ -178,25 +185,52 @@ void merge_sorted_positions(double* w, const RowWeights& rw, int64_t N, int64_t 
         for (int64_t i = start; i < i1; ++i) anc[i] = rw.chunk_last[c];
         continue;
       }
+      // stratified: this chunk's positions (i + u_i), their uniforms drawn in one batch
+      std::vector<double>& pos = position_scratch(i1 - i0);
+#pragma omp simd
+      for (int64_t k = 0; k < i1 - i0; ++k) pos[k] = static_cast<double>(i0 + k) + u.get(b, i0 + k);
       int64_t i = i0;
       for (int64_t j = j0; j < j_end && i < i1; ++j) {
         cum += w[j];
         const double target = cum * scale;
-        while (i < i1 && static_cast<double>(i) + u.get(b, i) < target) anc[i++] = j;
+        while (i < i1 && pos[i - i0] < target) anc[i++] = j;
       }
       for (; i < i1; ++i) anc[i] = rw.chunk_last[c];
     }
   });
 }
 
-// Per-thread scratch for sorted positions (multinomial with in-kernel uniforms).
-std::vector<double>& position_scratch(int64_t n) {
-  thread_local std::vector<double> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  return buf;
+// `count` iid categorical draws from the normalized nondecreasing cdf[0, N) into out, using
+// the row's uniforms: explicit ones keep their order (binary searches); in-kernel ones are
+// drawn already sorted — normalized exponential spacings, u_(i) = S_i / S_count with S the
+// running sum of count + 1 Exp(1) draws — and merged with the cdf in O(N + count) instead of
+// count cache-missing binary searches (same law; the draws come out sorted).
+void categorical_draws(const double* cdf, int64_t N, int64_t last_live, int64_t count,
+                       const Uniforms& u, int64_t b, int64_t* out) {
+  if (u.data != nullptr) {
+    at::parallel_for(0, count, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        out[i] = std::min(upper_bound(cdf, N, u.get(b, i)), last_live);
+    });
+    return;
+  }
+  std::vector<double>& pos = position_scratch(count + 1);
+  const uint64_t base = static_cast<uint64_t>(b) * static_cast<uint64_t>(count + 1);
+#pragma omp simd
+  for (int64_t i = 0; i <= count; ++i)
+    pos[i] = -log_poly(1.0 - stream_uniform(u.seed, u.offset, base + i));
+  double run = 0.0;
+  for (int64_t i = 0; i <= count; ++i) pos[i] = (run += pos[i]);
+  const double inv = 1.0 / run;
+  int64_t j = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const double p = pos[i] * inv;
+    while (j < last_live && cdf[j] <= p) ++j;
+    out[i] = j;
+  }
 }
 
-// Ancestors of one live row into anc[0, M); w holds exp(l_j - max) and may be overwritten.
+// Ancestors of one live row into anc[0, M); w holds exp(l_j - max) and is overwritten.
 void resample_row(double* w, const RowWeights& rw, int64_t N, int64_t M, Scheme scheme,
                   const Uniforms& u, int64_t b, int64_t* anc) {
   if (scheme == Scheme::kSystematic || scheme == Scheme::kStratified) {
@@ -207,30 +241,7 @@ void resample_row(double* w, const RowWeights& rw, int64_t N, int64_t M, Scheme 
   if (scheme == Scheme::kMultinomial) {
     double c = 0.0;  // one sequential prefix: exactly monotone, so dead particles stay unpicked
     for (int64_t j = 0; j < N; ++j) w[j] = (c += w[j]) * inv_total;
-    if (u.data == nullptr) {
-      // In-kernel randomness: M sorted iid uniforms from normalized exponential spacings
-      // (u_(i) = S_i / S_M, S the running sum of M + 1 Exp(1) draws), then one O(N + M) merge
-      // instead of M cache-missing binary searches. Same law as M independent draws; the
-      // ancestors come out sorted (explicit uniforms keep their order, and so does CUDA).
-      std::vector<double>& pos = position_scratch(M + 1);
-#pragma omp simd
-      for (int64_t i = 0; i <= M; ++i)
-        pos[i] = -log_poly(1.0 - stream_uniform(u.seed, u.offset, b * (M + 1) + i));
-      double run = 0.0;
-      for (int64_t i = 0; i <= M; ++i) pos[i] = (run += pos[i]);
-      const double inv = 1.0 / run;
-      int64_t j = 0;
-      for (int64_t i = 0; i < M; ++i) {
-        const double p = pos[i] * inv;
-        while (j < rw.last_live && w[j] <= p) ++j;
-        anc[i] = j;
-      }
-      return;
-    }
-    at::parallel_for(0, M, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i)
-        anc[i] = std::min(upper_bound(w, N, u.get(b, i)), rw.last_live);
-    });
+    categorical_draws(w, N, rw.last_live, M, u, b, anc);
     return;
   }
   // Residual: floor(M w_j) copies of j, then multinomial draws from the remainders.
@@ -246,14 +257,18 @@ void resample_row(double* w, const RowWeights& rw, int64_t N, int64_t M, Scheme 
   if (rest <= 0) return;
   const double inv_rc = 1.0 / rc;
   for (int64_t j = 0; j < N; ++j) w[j] *= inv_rc;
-  for (int64_t r = 0; r < rest; ++r)
-    anc[i + r] = std::min(upper_bound(w, N, u.get(b, r)), rw.last_live);
+  categorical_draws(w, N, rw.last_live, rest, u, b, anc + i);
 }
 
-// Rows in parallel when there are enough of them, else chunks of one row in parallel
-// (a nested at::parallel_for runs inline).
+// Rows in parallel when there are enough of them; otherwise rows one after the other, each
+// with its chunks in parallel. (at::parallel_for marks even its serial fallback as a parallel
+// region, so a row loop must not go through it when the chunks are to run in parallel.)
 template <typename F>
 void for_each_row(int64_t B, int64_t N, const F& f) {
+  if (B < at::get_num_threads() && N >= 2 * kChunkN) {
+    for (int64_t b = 0; b < B; ++b) f(b);
+    return;
+  }
   const int64_t grain = std::max<int64_t>(1, 4 * kChunkN / std::max<int64_t>(N, 1));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) f(b);
