@@ -8,6 +8,7 @@
 #include <ATen/core/Generator.h>
 
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <utility>
@@ -23,11 +24,16 @@ inline std::pair<uint64_t, uint64_t> philox_key(const std::optional<at::Generato
   return {g->random64(), 0};
 }
 
+// at::parallel_for over torch's intra-op threads (csrc/cpu/parallel.cpp, built with OpenMP).
+// Like at::parallel_for, a call inside another runs inline on the calling thread.
+void parallel_for(int64_t begin, int64_t end, int64_t grain,
+                  const std::function<void(int64_t, int64_t)>& f);
+
 // Rows of `work_per_row` elements each, split so that a task has >= ~32k elements.
 template <typename F>
 inline void parallel_rows(int64_t rows, int64_t work_per_row, const F& f) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
-  at::parallel_for(0, rows, grain, f);
+  parallel_for(0, rows, grain, f);
 }
 
 template <typename T>

@@ -28,7 +28,7 @@ void mala_rows(const at::Tensor& x, const at::Tensor& xp, const at::Tensor& lp,
   scalar_t *xo_ = xo.data_ptr<scalar_t>(), *go_ = go.data_ptr<scalar_t>();
   weight_t* lpo_ = lpo.data_ptr<weight_t>();
   bool* acc_ = acc.data_ptr<bool>();
-  parallel_rows(rows, 4 * D, [&](int64_t r0, int64_t r1) {
+  parallel_rows(rows, 4 * D, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const double h = st[r / N];
       const int64_t o = r * D;
@@ -106,8 +106,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> replica_swap_cpu(
     const int64_t bytes = K * C == 0 ? 0 : s.numel() / (K * C) * s.element_size();
     const char* src = static_cast<const char*>(s.data_ptr());
     char* dst = static_cast<char*>(o.data_ptr());
-    at::parallel_for(0, K * C, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
-                     [&](int64_t p0, int64_t p1) {
+    parallel_for(0, K * C, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
+                     [=](int64_t p0, int64_t p1) {
                        for (int64_t p = p0; p < p1; ++p) {
                          const int64_t c = p % C;
                          std::memcpy(dst + p * bytes, src + (pp[p] * C + c) * bytes, bytes);

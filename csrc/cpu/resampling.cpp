@@ -66,7 +66,10 @@ struct RowWeights {
     const int64_t nc = (N + kChunkN - 1) / kChunkN;
     std::vector<double> cmax(nc, -INFINITY), csum(nc), csq(nc);
     chunk_last.assign(nc, -1);
-    at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+    // The parallel bodies capture by value (pointers and scalars): through captured references
+    // the compiler must assume the output stores alias them, which de-vectorizes the loops.
+    double* const cmax_p = cmax.data();
+    parallel_for(0, nc, 1, [=](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double m = -INFINITY;
 #pragma omp simd reduction(max : m)
@@ -74,28 +77,32 @@ struct RowWeights {
           const double v = static_cast<double>(row[j]);
           m = v > m ? v : m;  // NaN (dead) never wins
         }
-        cmax[c] = m;
+        cmax_p[c] = m;
       }
     });
     max = *std::max_element(cmax.begin(), cmax.end());
     TORCH_CHECK_VALUE(max != INFINITY, "logw: contains +inf; log-weights must be finite, -inf or NaN");
     if (dead()) return;
-    at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+    const double mx = max;
+    double* const csum_p = csum.data();
+    double* const csq_p = csq.data();
+    int64_t* const last_p = chunk_last.data();
+    parallel_for(0, nc, 1, [=](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t j0 = c * kChunkN, j1 = std::min(N, j0 + kChunkN);
         double s = 0.0, q = 0.0;
         int64_t last = -1;
 #pragma omp simd reduction(+ : s, q) reduction(max : last)
         for (int64_t j = j0; j < j1; ++j) {
-          const double e = exp_nonpos(static_cast<double>(row[j]) - max);  // NaN (dead) -> 0
+          const double e = exp_nonpos(static_cast<double>(row[j]) - mx);  // NaN (dead) -> 0
           w[j] = e;
           s += e;
           q += e * e;
           last = std::max(last, e > 0 ? j : int64_t{-1});
         }
-        csum[c] = s;
-        csq[c] = q;
-        chunk_last[c] = last;
+        csum_p[c] = s;
+        csq_p[c] = q;
+        last_p[c] = last;
       }
     });
     prefix.assign(nc + 1, 0.0);
@@ -145,11 +152,11 @@ void merge_sorted_positions(double* w, const RowWeights& rw, int64_t N, int64_t 
   const int64_t c_last = rw.last_live / kChunkN;  // the chunk that absorbs rounding leftovers
   const double scale = static_cast<double>(M) / rw.total;  // positions live in [0, M)
   const double u0 = systematic ? u.get(b, 0) : 0.0;
-  auto count = [&](double target) {
+  auto count = [=](double target) {
     return systematic ? count_below_systematic(target, u0, M)
                       : count_below(target, M, u, b);
   };
-  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, nc, 1, [=](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       if (c > c_last) continue;
       const int64_t i0 = count(rw.prefix[c] * scale);
@@ -208,7 +215,7 @@ void merge_sorted_positions(double* w, const RowWeights& rw, int64_t N, int64_t 
 void categorical_draws(const double* cdf, int64_t N, int64_t last_live, int64_t count,
                        const Uniforms& u, int64_t b, int64_t* out) {
   if (u.data != nullptr) {
-    at::parallel_for(0, count, 4096, [&](int64_t i0, int64_t i1) {
+    parallel_for(0, count, 4096, [=](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i)
         out[i] = std::min(upper_bound(cdf, N, u.get(b, i)), last_live);
     });
@@ -270,7 +277,7 @@ void for_each_row(int64_t B, int64_t N, const F& f) {
     return;
   }
   const int64_t grain = std::max<int64_t>(1, 4 * kChunkN / std::max<int64_t>(N, 1));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) f(b);
   });
 }
@@ -322,8 +329,8 @@ void gather_states(const std::vector<at::Tensor>& states, const at::Tensor& anc,
     const int64_t bytes = B * N == 0 ? 0 : s.numel() / (B * N) * s.element_size();
     const char* src = static_cast<const char*>(s.data_ptr());
     char* dst = static_cast<char*>(o.data_ptr());
-    at::parallel_for(0, B * N, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
-                     [&](int64_t p0, int64_t p1) {
+    parallel_for(0, B * N, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
+                     [=](int64_t p0, int64_t p1) {
                        for (int64_t p = p0; p < p1; ++p) {
                          const int64_t b = p / N;
                          std::memcpy(dst + p * bytes, src + (b * N + ap[p]) * bytes, bytes);

@@ -107,7 +107,7 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
   // loop overheads. Step sizes are spread per element so per-row dt/sigma take the same path.
   if (D < kChunk / 4) {
     const int64_t group = kChunk / D;
-    parallel_rows(rows, D * (2 + K), [&](int64_t r0, int64_t r1) {
+    parallel_rows(rows, D * (2 + K), [=](int64_t r0, int64_t r1) {
       alignas(64) scalar_t eps_buf[kChunk], hv[kChunk], sv[kChunk], hsv[kChunk];
       alignas(64) double contrib[kChunk], log_norm[kChunk];
       const bool per_row = args.row_dt || args.row_sigma;
@@ -169,7 +169,7 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
     return;
   }
 
-  parallel_rows(rows, D * (2 + K), [&](int64_t r0, int64_t r1) {
+  parallel_rows(rows, D * (2 + K), [=](int64_t r0, int64_t r1) {
     std::vector<scalar_t> eps_buf(np ? 0 : kChunk);
     std::vector<double> ss_ref(K);
     // Small rows draw their noise together, kChunk elements at a time (the draw vectorizes
@@ -283,7 +283,7 @@ void kernel_logpdf_rows(const at::Tensor& y, const at::Tensor& base, const at::T
   const weight_t* lw = logw.data_ptr<weight_t>();
   weight_t* lo = out.data_ptr<weight_t>();
   const double inv_s = 1.0 / s, log_norm = gaussian_log_norm(D, s);
-  parallel_rows(rows, D, [&](int64_t r0, int64_t r1) {
+  parallel_rows(rows, D, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = r * D;
       double ss = 0.0;

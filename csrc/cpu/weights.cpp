@@ -21,7 +21,7 @@ void normalize_rows(const at::Tensor& logw, at::Tensor& lwn, at::Tensor& log_mea
   weight_t* lm = log_mean.data_ptr<weight_t>();
   weight_t* es = ess.data_ptr<weight_t>();
   const double log_n = std::log(static_cast<double>(N));
-  parallel_rows(B, 3 * N, [&](int64_t b0, int64_t b1) {
+  parallel_rows(B, 3 * N, [=](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const weight_t* row = lw + b * N;
       weight_t* orow = out + b * N;
