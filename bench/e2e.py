@@ -1,0 +1,137 @@
+"""End-to-end steering benchmark: the whole `pathsmc.diffusion.steer` loop with the fused ops
+against the same loop in pure PyTorch, eager and with every op under torch.compile.
+
+The model is the demo's: the exact score of a 2-D Gaussian mixture under the VP schedule, so
+the model evaluation is cheap and the loop's own cost (steps, weights, resampling) dominates.
+Each row of the table is one steering case of `pathsmc.demo.steering_cases`; times are the
+median of `--repeats` full runs after one warm-up. Results go to
+bench/results/e2e-<device>.{json,md}.
+
+    .venv/bin/python bench/e2e.py [--device cuda] [--particles 4096] [--steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import pathsmc
+import pathsmc.ops
+import pathsmc.reference
+from pathsmc.demo import run_steering_case, steering_cases
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def compiled_reference() -> SimpleNamespace:
+    """pathsmc.reference with each op under torch.compile. The step's scalars change every step,
+    so they enter as tensors (per-row dt/sigma, 0-dim λ) to avoid a recompilation per step, and
+    the noise is drawn outside the compiled region (a generator argument breaks the graph)."""
+    ref = pathsmc.reference
+    core = torch.compile(ref.em_step)
+
+    def em_step(x, drift, logw=None, *, dt, sigma, noise=None, generator=None, fwd_linear=0.0,
+                **kw):
+        if noise is None:
+            noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+        rows = (x.shape[0],)
+        dt_t = torch.full(rows, float(dt), dtype=torch.float64, device=x.device)
+        sigma_t = torch.full(rows, float(sigma), dtype=torch.float64, device=x.device)
+        lam = torch.tensor(float(fwd_linear), dtype=x.dtype, device=x.device)
+        return core(x, drift, logw, dt=dt_t, sigma=sigma_t, noise=noise, fwd_linear=lam, **kw)
+
+    return SimpleNamespace(em_step=em_step, normalize=torch.compile(ref.normalize),
+                           adaptive_resample=torch.compile(ref.adaptive_resample))
+
+
+def time_case(case, ops, args) -> float:
+    kw = dict(particles=args.particles, steps=args.steps, runs=args.runs, device=args.device,
+              ops=ops)
+    run_steering_case(case, seed=0, **kw)  # warm-up (and compilation)
+    times = [run_steering_case(case, seed=1 + r, **kw)[1] for r in range(args.repeats)]
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--particles", type=int, default=4096)
+    p.add_argument("--runs", type=int, default=4, help="independent rows (B)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--modes", default="reward,temper,twisted",
+                   help="comma-separated steering modes to time")
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cases = steering_cases(steps=args.steps, device=device, modes=args.modes.split(","))
+    variants = {"pathsmc": pathsmc.ops, "eager": pathsmc.reference}
+    if not args.no_compile:
+        variants["compile"] = compiled_reference()
+    rows = []
+    for case in cases:
+        t = {name: time_case(case, ops, args) for name, ops in variants.items()}
+        rows.append({"mode": case.mode, "variant": case.variant, "seconds": t})
+        ratios = ", ".join(f"{k} {t[k] / t['pathsmc']:.2f}x" for k in t if k != "pathsmc")
+        print(f"{case.mode:12s} {case.variant:32s} pathsmc {t['pathsmc']:.3f} s; {ratios}",
+              flush=True)
+    name = device_name(device)
+    meta = {"device": name, "torch": torch.__version__, "build": pathsmc.build_info(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "particles": args.particles, "runs": args.runs, "steps": args.steps,
+            "repeats": args.repeats, "load_average": list(_loadavg())}
+    RESULTS.mkdir(exist_ok=True)
+    stem = "e2e-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    cols = list(variants)
+    lines = [f"# End-to-end steering loop: {name}", "",
+             f"- torch {meta['torch']}, {meta['date']}, B={args.runs} rows × N={args.particles} "
+             f"particles × {args.steps} steps, median of {args.repeats} runs; load average "
+             f"{meta['load_average']}",
+             "- pathsmc: fused ops; eager: the same loop with pathsmc.reference; compile: "
+             "pathsmc.reference ops under torch.compile", "",
+             "| mode | case | " + " | ".join(f"{c} s" for c in cols) + " | "
+             + " | ".join(f"{c} / pathsmc" for c in cols[1:]) + " |",
+             "|---|---|" + "---:|" * (2 * len(cols) - 1)]
+    for r in rows:
+        t = r["seconds"]
+        lines.append(f"| {r['mode']} | {r['variant']} | "
+                     + " | ".join(f"{t[c]:.3f}" for c in cols) + " | "
+                     + " | ".join(f"{t[c] / t['pathsmc']:.2f}x" for c in cols[1:]) + " |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / stem}.{{json,md}}")
+
+
+def _loadavg():
+    try:
+        return tuple(round(float(v), 2) for v in Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ()
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - t0:.1f} s")
