@@ -8,10 +8,12 @@
 #include <ATen/core/Generator.h>
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <optional>
 #include <utility>
+#include <vector>
 
 namespace pathsmc::cpu {
 
@@ -34,6 +36,28 @@ template <typename F>
 inline void parallel_rows(int64_t rows, int64_t work_per_row, const F& f) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
   parallel_for(0, rows, grain, f);
+}
+
+// out[p] = in[source(p)] over the first two dims (P = dim0 · dim1 "particles") of every state
+// tensor, byte-wise: any dtype and trailing shape. `source` maps a flat particle index to the
+// flat index it copies (a small lambda capturing by value).
+template <typename Source>
+std::vector<at::Tensor> gather_particles(at::TensorList states, int64_t P, const Source& source) {
+  std::vector<at::Tensor> out;
+  for (const auto& s_in : states) {
+    const at::Tensor s = s_in.contiguous();
+    at::Tensor o = at::empty_like(s);
+    const int64_t bytes = P == 0 ? 0 : s.numel() / P * s.element_size();
+    const char* src = static_cast<const char*>(s.data_ptr());
+    char* dst = static_cast<char*>(o.data_ptr());
+    parallel_for(0, P, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
+                 [=](int64_t p0, int64_t p1) {
+                   for (int64_t p = p0; p < p1; ++p)
+                     std::memcpy(dst + p * bytes, src + source(p) * bytes, bytes);
+                 });
+    out.push_back(o);
+  }
+  return out;
 }
 
 template <typename T>

@@ -99,22 +99,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> replica_swap_cpu(
       }
     }
   }
-  std::vector<at::Tensor> out;
-  for (const auto& s_in : states) {
-    const at::Tensor s = s_in.contiguous();
-    at::Tensor o = at::empty_like(s);
-    const int64_t bytes = K * C == 0 ? 0 : s.numel() / (K * C) * s.element_size();
-    const char* src = static_cast<const char*>(s.data_ptr());
-    char* dst = static_cast<char*>(o.data_ptr());
-    parallel_for(0, K * C, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
-                     [=](int64_t p0, int64_t p1) {
-                       for (int64_t p = p0; p < p1; ++p) {
-                         const int64_t c = p % C;
-                         std::memcpy(dst + p * bytes, src + (pp[p] * C + c) * bytes, bytes);
-                       }
-                     });
-    out.push_back(o);
-  }
+  std::vector<at::Tensor> out =
+      gather_particles(states, K * C, [=](int64_t p) { return pp[p] * C + p % C; });
   return {out, accepted, perm};
 }
 

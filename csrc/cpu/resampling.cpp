@@ -318,27 +318,6 @@ at::Tensor resample_cpu(const at::Tensor& logw_in, c10::string_view scheme_name,
   return anc;
 }
 
-// out[b, i] = in[b, anc[b, i]] for every state tensor, byte-wise (any dtype / trailing shape).
-void gather_states(const std::vector<at::Tensor>& states, const at::Tensor& anc,
-                   std::vector<at::Tensor>& out) {
-  const int64_t B = anc.size(0), N = anc.size(1);
-  const int64_t* ap = anc.data_ptr<int64_t>();
-  for (const auto& s_in : states) {
-    const at::Tensor s = s_in.contiguous();
-    at::Tensor o = at::empty_like(s);
-    const int64_t bytes = B * N == 0 ? 0 : s.numel() / (B * N) * s.element_size();
-    const char* src = static_cast<const char*>(s.data_ptr());
-    char* dst = static_cast<char*>(o.data_ptr());
-    parallel_for(0, B * N, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
-                     [=](int64_t p0, int64_t p1) {
-                       for (int64_t p = p0; p < p1; ++p) {
-                         const int64_t b = p / N;
-                         std::memcpy(dst + p * bytes, src + (b * N + ap[p]) * bytes, bytes);
-                       }
-                     });
-    out.push_back(o);
-  }
-}
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive_resample_cpu(
     at::TensorList states, const at::Tensor& logw_in, double threshold,
@@ -347,7 +326,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
   check_logw(logw_in, "adaptive_resample");
   const int64_t B = logw_in.size(0), N = logw_in.size(1);
   check_states(states, B, N, logw_in.device(), "adaptive_resample", "(B, N, ...)");
-  const std::vector<at::Tensor> st(states.begin(), states.end());
   const Scheme scheme = check_scheme(scheme_name);
   const at::Tensor logw = logw_in.contiguous();
   at::Tensor holder;
@@ -384,8 +362,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
       }
     });
   });
-  std::vector<at::Tensor> out;
-  gather_states(st, anc, out);
+  const int64_t* anc_p = ap;
+  std::vector<at::Tensor> out =
+      gather_particles(states, B * N, [=](int64_t p) { return (p / N) * N + anc_p[p]; });
   return {out, logw_out, anc, mask};
 }
 
