@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from machine import cpu_name, slug  # bench/machine.py (scripts run from bench/)
 
 import pathsmc
 import pathsmc.ops
@@ -32,17 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def compiled_reference() -> SimpleNamespace:
@@ -103,7 +93,7 @@ def main() -> None:
             "particles": args.particles, "runs": args.runs, "steps": args.steps,
             "repeats": args.repeats, "load_average": list(_loadavg())}
     RESULTS.mkdir(exist_ok=True)
-    stem = "e2e-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    stem = "e2e-" + slug(name)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     cols = list(variants)
     lines = [f"# End-to-end steering loop: {name}", "",

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from machine import cpu_name, slug  # bench/machine.py (scripts run from bench/)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMES = ("systematic", "stratified", "multinomial", "residual")
@@ -55,33 +55,10 @@ NOISY_CORES = 0.2  # other processes' average CPU use above which a row is flagg
 # machine description
 
 
-def cpu_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return f"{model} ({cores} cores)"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_name()
-
-
-def slug(name: str) -> str:
-    name = re.sub(r"\((R|TM|tm|r)\)", "", name)
-    name = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    return re.sub(r"-+", "-", name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,11 +43,11 @@ import datetime
 import json
 import math
 import os
-import platform
-import re
 import statistics
 import time
 from pathlib import Path
+
+from machine import cpu_name, slug  # bench/machine.py (scripts run from bench/)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -62,30 +62,7 @@ SEEDS = 6
 EPSILONS = [0.3, 0.1, 0.03]
 
 
-# ---- machine (the same helpers as bench/run.py, without torch so the JAX side can use them) ----
-
-
-def cpu_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return f"{model} ({cores} cores)"
-
-
-def slug(name: str) -> str:
-    name = re.sub(r"\((R|TM|tm|r)\)", "", name)
-    name = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    return re.sub(r"-+", "-", name)
+# ---- machine ----
 
 
 def loadavg() -> list[float]:
