@@ -120,3 +120,15 @@ def test_bad_model_output_is_named():
 
     with pytest.raises(ValueError, match="model.init: logw has shape"):
         smc(Bad(), particles=4, batch=2, progress=False)
+
+
+def test_cuda_graph_needs_cuda():
+    ys = simulate(2, 5)
+    model = LinearGaussianSSM(ys)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda_graph: CUDA graphs need a GPU"):
+            smc(model, particles=16, batch=2, cuda_graph=True)
+    else:  # the model's tensors live on the CPU
+        with pytest.raises((ValueError, RuntimeError)):
+            smc(model, particles=16, batch=2, cuda_graph=True,
+                generator=torch.Generator(device="cuda"))

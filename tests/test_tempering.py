@@ -30,8 +30,10 @@ from pathsmc.tempering import (
     MonotoneCubic,
     ParallelTempering,
     PerProblemTarget,
+    levels_for_barrier,
     optimal_schedule,
     parallel_tempering,
+    round_trip_rate,
     swap_log_ratio,
 )
 
@@ -238,6 +240,44 @@ def test_schedule_equalizes_rejections(main_run):
     acc = st.mala_accept[:, 1:]
     assert bool((acc > 0.45).all() and (acc < 0.7).all())
     assert bool(st.mala_accept[:, 0].isnan().all())  # level 0: exact reference draws
+
+
+def test_levels_for_barrier():
+    # Equal rejections Λ/(K − 1) per pair in Syed et al.'s DEO rate, checked by hand.
+    assert round_trip_rate(2.0, 5) == pytest.approx(1.0 / (2.0 + 2.0 * 4 * 0.5 / 0.5))
+    assert round_trip_rate(2.0, 3) == 0.0  # two pairs at rejection 1
+    assert round_trip_rate(0.0, 2) == 0.5
+    for lam in (0.0, 0.3, 1.2, 4.7, 20.0, 75.5):
+        ks = np.arange(2, 2001)
+        per_level = np.array([round_trip_rate(lam, int(k)) / k for k in ks])
+        assert levels_for_barrier(lam, max_levels=2000) == ks[per_level.argmax()]
+        limit = 1.0 / (2.0 + 2.0 * lam)
+        k = levels_for_barrier(lam, efficiency=0.9, max_levels=2000)
+        assert round_trip_rate(lam, k) >= 0.9 * limit > round_trip_rate(lam, k - 1) or k == 2
+    # The "about 2Λ chains" rule for large Λ; capped by max_levels.
+    assert abs(levels_for_barrier(50.0) - 101) <= 1
+    assert levels_for_barrier(50.0, max_levels=40) == 40
+    for bad in (dict(barrier=-1.0), dict(barrier=math.inf), dict(barrier=1.0, efficiency=1.0)):
+        with pytest.raises(ValueError, match="barrier|efficiency"):
+            levels_for_barrier(**bad)
+
+
+def test_adapt_levels_from_barrier():
+    # From 3 levels, K follows the barrier estimate to the 90 %-efficiency choice; the levels
+    # of the (resized) last round still match their exact tempered targets.
+    res = run_pt(seed=5, rounds=10, chains=96, levels=3, adapt_levels=True,
+                 level_efficiency=0.9)
+    ks = [s.shape[1] for s in res.schedules]
+    assert ks[0] == 3 and ks[-1] > 3, ks
+    lam = res.rounds[-2].barrier.max().item()
+    assert abs(ks[-1] - levels_for_barrier(lam, efficiency=0.9)) <= 0.1 * ks[-1] + 1, (ks, lam)
+    assert res.last.samples.shape[1] == ks[-1] == res.betas.shape[1]
+    assert level_failures(res) == []
+    # Too many levels shrink (per-level-scan optimum: about 2Λ + 1 ≈ 3–4 here).
+    res = run_pt(seed=6, rounds=6, chains=64, levels=24, adapt_levels=True)
+    assert [s.shape[1] for s in res.schedules][-1] <= 6
+    with pytest.raises(ValueError, match="adapt_levels"):
+        run_pt(seed=0, rounds=2, adapt_levels=True, adapt_schedule=False)
 
 
 def test_deo_more_round_trips_than_seo():

@@ -643,6 +643,7 @@ def steer(
     dtype: torch.dtype = torch.float32,
     ops: Any = None,
     progress: bool | None = None,
+    cuda_graph: bool = False,
 ) -> SMCResult:
     """Steer a pretrained diffusion model with SMC along its reverse-time Euler–Maruyama chain.
 
@@ -729,6 +730,9 @@ def steer(
             (default :mod:`pathsmc.ops`; :mod:`pathsmc.reference` runs the whole loop in pure
             PyTorch).
         progress: show a progress bar (default: when stderr is a terminal).
+        cuda_graph: capture the whole run in one CUDA graph and replay it
+            (:class:`pathsmc.smc.CapturedSMC`; CUDA only, no progress bar). Models, rewards
+            and values must then be free of host reads (``.item()``, ``bool(tensor)``).
 
     Returns:
         :class:`pathsmc.smc.SMCResult`: ``particles`` ``(B, N, D)``, ``logw``, ``log_z``
@@ -819,4 +823,4 @@ def steer(
                    potential_every=potential_every)
     return smc(fk, particles, batch, threshold=threshold if fk.weighted else 0.0,
                scheme=scheme, generator=generator, progress=progress, desc=f"steer:{mode}",
-               ops=ops)
+               ops=ops, cuda_graph=cuda_graph)

@@ -31,7 +31,7 @@ import torch
 
 from pathsmc import ops as fused_ops
 
-__all__ = ["FeynmanKacModel", "SMCResult", "smc"]
+__all__ = ["CapturedSMC", "FeynmanKacModel", "SMCResult", "smc"]
 
 
 class FeynmanKacModel(Protocol):
@@ -129,6 +129,7 @@ def smc(
     progress: bool | None = None,
     desc: str = "smc",
     ops=None,
+    cuda_graph: bool = False,
 ) -> SMCResult:
     """Run the Feynman–Kac model with adaptive resampling.
 
@@ -143,35 +144,113 @@ def smc(
         desc: the bar's label.
         ops: the module providing ``normalize`` and ``adaptive_resample`` (default
             :mod:`pathsmc.ops`; :mod:`pathsmc.reference` runs the loop in pure PyTorch).
+        cuda_graph: capture the whole run (init and every step) in one CUDA graph and replay
+            it (see :class:`CapturedSMC`, which also replays it again for fresh runs): removes
+            the per-kernel launch cost, which dominates small populations. CUDA only; the
+            model must not synchronize with the host; no progress bar.
     """
+    if cuda_graph:
+        return CapturedSMC(model, particles, batch, threshold=threshold, scheme=scheme,
+                           generator=generator, ops=ops).run()
     ops = fused_ops if ops is None else ops
+    steps = _check_run_args(model, particles, batch)
+    with _progress(steps, progress, desc) as bar:
+        out = _run(model, particles, batch, steps, threshold, scheme, generator, ops, bar.update)
+    return _result(*out)
+
+
+def _check_run_args(model: FeynmanKacModel, particles: int, batch: int) -> int:
     if particles < 1 or batch < 1:
         raise ValueError(f"particles and batch must be >= 1, got {particles} and {batch}")
     steps = int(model.num_steps)
     if steps < 1:
         raise ValueError(f"model.num_steps: expected >= 1, got {steps}")
+    return steps
+
+
+def _run(model: FeynmanKacModel, particles: int, batch: int, steps: int, threshold: float,
+         scheme: str, generator: torch.Generator | None, ops, tick=None):
+    """The SMC loop: device work only, nothing read back (so it can be captured in a graph).
+    Runs the model's first ``steps`` steps; returns ``(states, logw, ess, resampled)``."""
     states, logw = model.init(batch, particles, generator)
     states = list(states)
     _check_step_output(states, logw, batch, particles, "init")
     device = logw.device
     ess_hist = torch.empty(steps, batch, dtype=torch.float64, device=device)
     res_hist = torch.zeros(steps, batch, dtype=torch.bool, device=device)
-    with _progress(steps, progress, desc) as bar:
-        for k in range(steps):
-            states, logw = model.step(k, states, logw, generator)
-            states = list(states)
-            if k == 0:
-                _check_step_output(states, logw, batch, particles, "step")
-            ess_hist[k] = ops.normalize(logw)[2]
-            if k + 1 < steps and threshold > 0:
-                states, logw, _, res_hist[k] = ops.adaptive_resample(
-                    states, logw, threshold=threshold, scheme=scheme, generator=generator
-                )
-            bar.update(1)
-    log_z = torch.logsumexp(torch.nan_to_num(logw.double(), nan=-math.inf), -1) - math.log(
-        particles
-    )
+    last = int(model.num_steps)
+    for k in range(steps):
+        states, logw = model.step(k, states, logw, generator)
+        states = list(states)
+        if k == 0:
+            _check_step_output(states, logw, batch, particles, "step")
+        ess_hist[k] = ops.normalize(logw)[2]
+        if k + 1 < last and threshold > 0:
+            states, logw, _, res_hist[k] = ops.adaptive_resample(
+                states, logw, threshold=threshold, scheme=scheme, generator=generator)
+        if tick is not None:
+            tick(1)
+    return states, logw, ess_hist, res_hist
+
+
+def _result(states: list[torch.Tensor], logw: torch.Tensor, ess_hist: torch.Tensor,
+            res_hist: torch.Tensor) -> SMCResult:
+    n = logw.shape[-1]
+    log_z = torch.logsumexp(torch.nan_to_num(logw.double(), nan=-math.inf), -1) - math.log(n)
     return SMCResult(states, logw, log_z, ess_hist, res_hist, _dead_rows(ess_hist))
+
+
+class CapturedSMC:
+    """A whole SMC run — ``model.init`` and every step with its resampling — captured once in
+    a CUDA graph; :meth:`run` replays it. Each replay is a fresh, independent run (the Philox
+    offsets advance on the device) at the cost of the kernels alone: no Python, no launches.
+
+    The capture warms up on a side stream first (``warmup_steps`` steps, which also settles
+    lazy initialization such as cuBLAS handles), then records one run without executing it.
+    Requirements: CUDA tensors; a model that never reads device values on the host
+    (``.item()``, ``bool(tensor)``, ``.cpu()``) and allocates the same shapes every run;
+    ``generator`` a CUDA generator (or None: the default one). The graph keeps its memory
+    pool (about one eager run's peak) until this object is deleted.
+
+    Args: as :func:`smc`; ``warmup_steps`` eager steps before capturing.
+    """
+
+    def __init__(self, model: FeynmanKacModel, particles: int, batch: int = 1, *,
+                 threshold: float = 0.5, scheme: str = "systematic",
+                 generator: torch.Generator | None = None, ops=None,
+                 warmup_steps: int = 2) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("cuda_graph: CUDA graphs need a GPU (none is available)")
+        if generator is not None and generator.device.type != "cuda":
+            raise ValueError(f"generator: a captured run needs a CUDA generator, got one on "
+                             f"{generator.device}")
+        self.steps = _check_run_args(model, particles, batch)
+        args = (model, particles, batch)
+        rest = (threshold, scheme, generator, fused_ops if ops is None else ops)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            _, logw, _, _ = _run(*args, min(max(int(warmup_steps), 1), self.steps), *rest)
+        if logw.device.type != "cuda":
+            raise ValueError(f"cuda_graph: the model's tensors are on {logw.device}, not CUDA")
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            self.graph.register_generator_state(generator)
+        try:
+            with torch.cuda.graph(self.graph):
+                self._out = _run(*args, self.steps, *rest)
+        except RuntimeError as err:
+            raise RuntimeError(
+                "cuda_graph: capturing the SMC run failed; the usual cause is a host sync in "
+                "model.init / model.step (.item(), bool(tensor), .cpu(), a Python if on a "
+                f"device value) or a CPU tensor in the loop. Original error: {err}") from err
+
+    def run(self) -> SMCResult:
+        """Replay the captured run; returns its result (copies, safe across replays)."""
+        self.graph.replay()
+        states, logw, ess, res = self._out
+        return _result([s.clone() for s in states], logw.clone(), ess.clone(), res.clone())
 
 
 def _check_step_output(states: Sequence[torch.Tensor], logw: torch.Tensor, b: int, n: int,

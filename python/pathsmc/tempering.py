@@ -95,8 +95,10 @@ __all__ = [
     "ParallelTempering",
     "PerProblemTarget",
     "RoundStats",
+    "levels_for_barrier",
     "optimal_schedule",
     "parallel_tempering",
+    "round_trip_rate",
     "swap_log_ratio",
 ]
 
@@ -233,6 +235,49 @@ def optimal_schedule(betas: np.ndarray | torch.Tensor, rejection: np.ndarray | t
         if new[i] <= new[i - 1]:
             new[i] = np.nextafter(new[i - 1], 2.0)
     return new, cum
+
+
+def round_trip_rate(barrier: float, num_levels: int) -> float:
+    """DEO round trips per scan of one chain column with ``num_levels`` levels on an equalized
+    schedule, under efficient local exploration (Syed et al. 2021, Thm. 1): the K − 1 pairs
+    each reject ``r = Λ/(K − 1)``, so ``τ_K = 1/(2 + 2Λ/(1 − Λ/(K − 1)))``; 0 when
+    ``K − 1 <= Λ`` (a pair would reject every swap). Increases to ``1/(2 + 2Λ)`` as K → ∞."""
+    pairs = int(num_levels) - 1
+    if pairs < 1 or pairs <= barrier:
+        return 0.0
+    return 1.0 / (2.0 + 2.0 * barrier / (1.0 - barrier / pairs))
+
+
+def levels_for_barrier(barrier: float, *, efficiency: float | None = None,
+                       max_levels: int = 1024) -> int:
+    """The number of levels K for a path whose global communication barrier is Λ.
+
+    ``efficiency=None`` (default): the K that maximizes round trips per level-scan,
+    ``τ_K / K`` (:func:`round_trip_rate`) — the right choice when a scan costs K times one
+    level's work (one device, levels batched). It tends to ``K ≈ 2Λ + 1`` for large Λ, the
+    "about 2Λ chains" rule of Syed et al. (2021, §5.3) and Pigeons.
+    ``efficiency=e`` in (0, 1): the smallest K whose round-trip rate reaches ``e`` times the
+    K → ∞ limit ``1/(2 + 2Λ)`` — for when extra levels cost no wall time (idle hardware).
+    Always at least 2 and at most ``max_levels`` (which is returned when even that is too few).
+    """
+    lam = float(barrier)
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"barrier: expected a finite Λ >= 0, got {barrier}")
+    if efficiency is not None and not 0.0 < efficiency < 1.0:
+        raise ValueError(f"efficiency: expected a fraction in (0, 1), got {efficiency}")
+    limit = 1.0 / (2.0 + 2.0 * lam)
+    best, best_score = int(max_levels), 0.0  # (max_levels when no K can swap at all)
+    for k in range(2, int(max_levels) + 1):
+        tau = round_trip_rate(lam, k)
+        if efficiency is not None:
+            if tau >= efficiency * limit:
+                return k
+            best = k
+        elif tau / k > best_score:
+            best, best_score = k, tau / k
+        elif tau > 0:  # τ_K/K is unimodal once positive: past the maximum
+            break
+    return best
 
 
 class PerProblemTarget:
@@ -625,7 +670,7 @@ class ParallelTempering:
         if not (bool((b[:, 0] == 0).all()) and bool((b[:, -1] == 1).all())
                 and bool((b.diff(dim=-1) > 0).all())):
             raise ValueError("betas: expected a strictly increasing schedule from 0 to 1")
-        if hasattr(self, "x") and b.shape[-1] != self.x.shape[0]:
+        if hasattr(self, "x") and b.shape[-1] != self.x.shape[0]:  # see adapt_schedule
             raise ValueError(f"betas: the sampler has {self.x.shape[0]} levels, got "
                              f"{b.shape[-1]}")
         self.betas_host = b
@@ -797,28 +842,61 @@ class ParallelTempering:
             mala_accept=mala_acc, energy=torch.stack(energy).transpose(1, 2).cpu(),
             samples=torch.stack(samples).cpu() if samples else None, seconds=0.0)
 
-    def adapt_schedule(self, stats: RoundStats) -> torch.Tensor:
+    def adapt_schedule(self, stats: RoundStats, num_levels: int | None = None) -> torch.Tensor:
         """Move to the schedule that equalizes the round's rejection rates (per problem) and
         carry the step sizes over by linear interpolation of log h in β. Returns the new
-        schedule ``(B, K)``."""
+        schedule ``(B, K')``.
+
+        ``num_levels`` K' (default: keep K) changes the number of levels: new level k' takes
+        the states of the old level nearest to it in cumulative barrier (its equal-barrier
+        quantile), so the chains start near their new targets; the round-trip phases restart
+        (a copied replica must not count one trip twice). Use it between adaptive rounds only.
+        """
         old = self.betas_host.numpy()
         log_h = self._log_h.T.cpu().numpy()
-        new, new_h = np.empty_like(old), np.empty_like(log_h)
+        k_new = self.K if num_levels is None else int(num_levels)
+        new = np.empty((self.B, k_new))
+        new_h = np.empty_like(new)
+        source = np.empty((k_new, self.B), dtype=np.int64)
         for i in range(self.B):
-            new[i], _ = optimal_schedule(old[i], stats.rejection[i].numpy())
+            new[i], cum = optimal_schedule(old[i], stats.rejection[i].numpy(), k_new)
             new_h[i] = np.interp(new[i], old[i], log_h[i])
+            goals = np.linspace(0.0, cum[-1], k_new)
+            source[:, i] = np.abs(cum[None, :] - goals[:, None]).argmin(-1)
+        if k_new != self.K:
+            self._remap_levels(torch.as_tensor(source, device=self.device))
         self.set_schedule(new)
         self._log_h = torch.as_tensor(new_h.T.copy(), device=self.device)
         return self.betas_host.clone()
 
+    def _remap_levels(self, source: torch.Tensor) -> None:
+        """New level k of problem b gets the replicas of old level ``source[k, b]``."""
+        cols = torch.arange(self.B, device=self.device)
+        self.x, self.lt, self.lr, self.gt, self.gr = (
+            t[source, cols].contiguous() for t in (self.x, self.lt, self.lr, self.gt, self.gr))
+        self.phase = torch.zeros(source.shape[0], self.B * self.C, dtype=torch.int8,
+                                 device=self.device)
+
     def run(self, rounds: int, *, adapt_schedule: bool = True, adapt_step: bool = True,
-            record: bool = False, report: bool = False,
+            adapt_levels: bool = False, level_efficiency: float | None = None,
+            max_levels: int = 256, record: bool = False, report: bool = False,
             plot: str | None = None) -> PTResult:
         """``rounds`` rounds of 1, 2, 4, ... scans; adapt between rounds; the last round runs
         frozen (and is recorded when ``record``). ``report`` prints a line per round;
-        ``plot`` writes the barrier/schedule PNG of the last round to that path."""
+        ``plot`` writes the barrier/schedule PNG of the last round to that path.
+
+        ``adapt_levels`` also chooses the number of levels K from each round's barrier
+        estimate Λ̂ (the largest over problems), by :func:`levels_for_barrier` with
+        ``level_efficiency`` and ``max_levels``; K changes only when the choice differs from
+        the current K by more than 10 % (Λ̂ of short early rounds is noisy). It needs
+        ``adapt_schedule``.
+        """
         if rounds < 1:
             raise ValueError(f"rounds: expected >= 1, got {rounds}")
+        if adapt_levels and not adapt_schedule:
+            raise ValueError("adapt_levels: needs adapt_schedule=True")
+        if max_levels < 2:
+            raise ValueError(f"max_levels: expected >= 2, got {max_levels}")
         out, schedules = [], []
         if report:
             print(RoundStats.header())
@@ -830,7 +908,14 @@ class ParallelTempering:
             if report:
                 print(st.line(), flush=True)
             if adapt_schedule and not final:
-                self.adapt_schedule(st)
+                k_new = None
+                if adapt_levels:
+                    k_new = levels_for_barrier(float(st.barrier.max()),
+                                               efficiency=level_efficiency,
+                                               max_levels=max_levels)
+                    if abs(k_new - self.K) <= 0.1 * self.K:
+                        k_new = None
+                self.adapt_schedule(st, k_new)
         res = PTResult(out, self.x, out[-1].betas, out[-1].step_size, self.ref_log_z,
                        self.target_evals, schedules)
         if report:
@@ -882,6 +967,9 @@ def parallel_tempering(
     rounds: int = 10,
     adapt_schedule: bool = True,
     adapt_step: bool = True,
+    adapt_levels: bool = False,
+    level_efficiency: float | None = None,
+    max_levels: int = 256,
     record: bool = False,
     report: bool = False,
     plot: str | None = None,
@@ -895,5 +983,6 @@ def parallel_tempering(
     the rest. Returns a :class:`PTResult` (the last round's estimates: ``log_z``, ``barrier``).
     """
     pt = ParallelTempering(target, reference, **kwargs)
-    return pt.run(rounds, adapt_schedule=adapt_schedule, adapt_step=adapt_step, record=record,
-                  report=report, plot=plot)
+    return pt.run(rounds, adapt_schedule=adapt_schedule, adapt_step=adapt_step,
+                  adapt_levels=adapt_levels, level_efficiency=level_efficiency,
+                  max_levels=max_levels, record=record, report=report, plot=plot)
