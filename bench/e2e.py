@@ -4,10 +4,14 @@ against the same loop in pure PyTorch, eager and with every op under torch.compi
 The model is the demo's: the exact score of a 2-D Gaussian mixture under the VP schedule, so
 the model evaluation is cheap and the loop's own cost (steps, weights, resampling) dominates.
 Each row of the table is one steering case of `pathsmc.demo.steering_cases`; times are the
-median of `--repeats` full runs after one warm-up. Results go to
-bench/results/e2e-<device>.{json,md}.
+median of `--repeats` full runs after one warm-up. On CUDA a fourth variant, "graph", replays
+the whole fused run captured once in a CUDA graph (`pathsmc.smc.CapturedSMC`; the one-off
+capture time is reported separately): the launch-bound regime of small populations is where
+it matters (DESIGN.md; issue 3's target: 1000 steps, N = 4096, >= 10x the eager loop).
+Results go to bench/results/e2e-<device>.{json,md}.
 
     .venv/bin/python bench/e2e.py [--device cuda] [--particles 4096] [--steps 100]
+    .venv/bin/python bench/e2e.py --device cuda --steps 1000 --runs 1 --modes reward,temper
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import pathsmc
 import pathsmc.ops
 import pathsmc.reference
 from pathsmc.demo import run_steering_case, steering_cases
+from pathsmc.diffusion import steering_model
+from pathsmc.smc import CapturedSMC
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,6 +70,28 @@ def time_case(case, ops, args) -> float:
     return statistics.median(times)
 
 
+def time_graph(case, args) -> tuple[float, float]:
+    """(median replay time, capture time) of the fused run captured in one CUDA graph."""
+    fk = steering_model(case.model, case.mode, steps=args.steps, device=args.device,
+                        **case.kwargs)
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    cap = CapturedSMC(fk, args.particles, args.runs, threshold=0.5 if fk.weighted else 0.0,
+                      generator=gen)
+    torch.cuda.synchronize()
+    capture = time.perf_counter() - t0
+    cap.run()  # first replay (uploads the graph)
+    times = []
+    for _ in range(args.repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        cap.graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), capture
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,19 +102,26 @@ def main() -> None:
     p.add_argument("--modes", default="reward,temper,twisted",
                    help="comma-separated steering modes to time")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variant")
     args = p.parse_args()
     device = torch.device(args.device)
     cases = steering_cases(steps=args.steps, device=device, modes=args.modes.split(","))
     variants = {"pathsmc": pathsmc.ops, "eager": pathsmc.reference}
     if not args.no_compile:
         variants["compile"] = compiled_reference()
+    graph = device.type == "cuda" and not args.no_graph
     rows = []
     for case in cases:
         t = {name: time_case(case, ops, args) for name, ops in variants.items()}
-        rows.append({"mode": case.mode, "variant": case.variant, "seconds": t})
+        row = {"mode": case.mode, "variant": case.variant, "seconds": t}
+        if graph:
+            t["graph"], row["capture_seconds"] = time_graph(case, args)
+        rows.append(row)
         ratios = ", ".join(f"{k} {t[k] / t['pathsmc']:.2f}x" for k in t if k != "pathsmc")
-        print(f"{case.mode:12s} {case.variant:32s} pathsmc {t['pathsmc']:.3f} s; {ratios}",
-              flush=True)
+        extra = (f"; graph replay {t['graph']:.4f} s = {t['eager'] / t['graph']:.1f}x eager"
+                 if graph else "")
+        print(f"{case.mode:12s} {case.variant:32s} pathsmc {t['pathsmc']:.3f} s; {ratios}"
+              f"{extra}", flush=True)
     name = device_name(device)
     meta = {"device": name, "torch": torch.__version__, "build": pathsmc.build_info(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -95,13 +130,15 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = "e2e-" + slug(name)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    cols = list(variants)
+    cols = list(variants) + (["graph"] if graph else [])
     lines = [f"# End-to-end steering loop: {name}", "",
              f"- torch {meta['torch']}, {meta['date']}, B={args.runs} rows × N={args.particles} "
              f"particles × {args.steps} steps, median of {args.repeats} runs; load average "
              f"{meta['load_average']}",
              "- pathsmc: fused ops; eager: the same loop with pathsmc.reference; compile: "
-             "pathsmc.reference ops under torch.compile", "",
+             "pathsmc.reference ops under torch.compile"
+             + ("; graph: the fused run captured once in a CUDA graph, replayed" if graph
+                else ""), "",
              "| mode | case | " + " | ".join(f"{c} s" for c in cols) + " | "
              + " | ".join(f"{c} / pathsmc" for c in cols[1:]) + " |",
              "|---|---|" + "---:|" * (2 * len(cols) - 1)]

@@ -157,7 +157,7 @@ def test_cuda_graph_replays_an_smc_step_with_fresh_noise():
 def test_captured_smc_run_replays_fresh_independent_runs():
     """A whole steering run (init + 50 steps + resampling) captured in one graph: every replay
     is a new run (fresh noise), and replays estimate the same log Z as eager runs."""
-    from pathsmc.diffusion import DiffusionModel, VPSchedule, _Steering, steer
+    from pathsmc.diffusion import DiffusionModel, VPSchedule, steer, steering_model
     from pathsmc.smc import CapturedSMC
     from pathsmc.targets.gaussian_mixture import default_2d
 
@@ -169,10 +169,8 @@ def test_captured_smc_run_replays_fresh_independent_runs():
     g = torch.Generator(device="cuda").manual_seed(0)
     graphed = steer(model, generator=g, cuda_graph=True, **kw)
     assert graphed.particles.is_cuda and graphed.log_z.shape == (8,)
-    fk = _Steering(models=[model], betas=[0.5], mode="temper", times=[1 - i / 50 for i in
-                   range(51)], dim=2, reward=None, value=None, potential="difference",
-                   guidance=0.0, weighting="density", device=torch.device("cuda"),
-                   dtype=torch.float32, ops=pathsmc.ops, potential_every=1)
+    fk = steering_model(model, **{k: v for k, v in kw.items() if k not in ("particles",
+                                                                          "batch")})
     cap = CapturedSMC(fk, 1024, 8, generator=g)
     runs = [cap.run() for _ in range(4)]
     assert not torch.equal(runs[0].particles, runs[1].particles)  # fresh noise per replay

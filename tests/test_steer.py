@@ -539,3 +539,16 @@ def test_power_quadrature_and_grid_sampler() -> None:
     assert abs(float(s.mean()) - float(g.mean()[0])) < 5 * math.sqrt(float(var) / n)
     with pytest.raises(ValueError, match="boundary"):
         MIX1.power(0.5, bounds=([-1.0], [1.0]))
+
+
+def test_steering_model_is_what_steer_runs():
+    from pathsmc.diffusion import steering_model
+    from pathsmc.smc import smc
+
+    kw = dict(reward=linear_reward(THETA1), steps=12)
+    a = steer(model(MIX1), "reward", particles=64, batch=3, threshold=0.7, seed=4, **kw)
+    fk = steering_model(model(MIX1), "reward", **kw)
+    b = smc(fk, 64, 3, threshold=0.7, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.particles, b.particles) and torch.equal(a.log_z, b.log_z)
+    with pytest.raises(ValueError, match="reward"):
+        steering_model(model(MIX1), "reward")

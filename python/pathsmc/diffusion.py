@@ -51,8 +51,10 @@ __all__ = [
     "VPSchedule",
     "VESchedule",
     "convert_prediction",
+    "SteeringModel",
     "fk_potential",
     "steer",
+    "steering_model",
     "time_grid",
 ]
 
@@ -457,8 +459,10 @@ class _Eval(NamedTuple):
     logp: torch.Tensor | None  # Σ_k β_k log p_{k,t}(x) (weighting="density")
 
 
-class _Steering:
-    """The Feynman–Kac model that :func:`steer` hands to :func:`pathsmc.smc.smc`.
+class SteeringModel:
+    """The Feynman–Kac model of a steering run (built by :func:`steering_model`, run by
+    :func:`steer` through :func:`pathsmc.smc.smc`, or captured by
+    :class:`pathsmc.smc.CapturedSMC` for repeated replays).
 
     states = [x, score_1 … score_K, (guidance grad), (Σβ log p_t), *potential carry].
     """
@@ -740,6 +744,44 @@ def steer(
     """
     from pathsmc.smc import smc
 
+    device = torch.device(device)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    fk = steering_model(model, mode, steps=steps, dim=dim, reward=reward, potential=potential,
+                        potential_every=potential_every, value=value, beta=beta,
+                        guidance=guidance, weighting=weighting, t_end=t_end, times=times,
+                        device=device, dtype=dtype, ops=ops)
+    return smc(fk, particles, batch, threshold=threshold if fk.weighted else 0.0,
+               scheme=scheme, generator=generator, progress=progress, desc=f"steer:{mode}",
+               ops=fk.ops, cuda_graph=cuda_graph)
+
+
+def steering_model(
+    model: DiffusionModel | Sequence[DiffusionModel],
+    mode: str = "reward",
+    *,
+    steps: int = 100,
+    dim: int | None = None,
+    reward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    potential: str = "difference",
+    potential_every: int = 1,
+    value: Callable[[torch.Tensor, float], Any] | None = None,
+    beta: float | Sequence[float] | None = None,
+    guidance: float | None = None,
+    weighting: str = "path",
+    t_end: float = 0.0,
+    times: Sequence[float] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ops: Any = None,
+) -> SteeringModel:
+    """The Feynman–Kac model of :func:`steer` without running it (same arguments and checks).
+
+    For repeated runs of one job: capture it once and replay it,
+    ``CapturedSMC(steering_model(...), particles, batch, generator=g).run()`` (CUDA), or hand
+    it to :func:`pathsmc.smc.smc` yourself. ``threshold`` must then be 0 for
+    ``"uncorrected"`` (its ``weighted`` attribute is False), as :func:`steer` does.
+    """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     models = [model] if isinstance(model, DiffusionModel) else list(model)
@@ -806,8 +848,6 @@ def steer(
     if dim is None or int(dim) < 1:
         raise ValueError("dim: give the event size D (or build the model with dim=...)")
     device = torch.device(device)
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
     if ops is None:
         import pathsmc.ops as ops
     if times is None:
@@ -817,10 +857,7 @@ def steer(
         if (len(times) < 2 or times[0] != 1.0 or not 0.0 <= times[-1] < 1.0
                 or any(b >= a for a, b in zip(times, times[1:], strict=False))):
             raise ValueError("times: expected a decreasing grid from 1.0 to t_end in [0, 1)")
-    fk = _Steering(models=models, betas=betas, mode=mode, times=times, dim=int(dim),
-                   reward=reward, value=value, potential=potential, guidance=guidance,
-                   weighting=weighting, device=device, dtype=dtype, ops=ops,
-                   potential_every=potential_every)
-    return smc(fk, particles, batch, threshold=threshold if fk.weighted else 0.0,
-               scheme=scheme, generator=generator, progress=progress, desc=f"steer:{mode}",
-               ops=ops, cuda_graph=cuda_graph)
+    return SteeringModel(models=models, betas=betas, mode=mode, times=times, dim=int(dim),
+                         reward=reward, value=value, potential=potential, guidance=guidance,
+                         weighting=weighting, device=device, dtype=dtype, ops=ops,
+                         potential_every=potential_every)
