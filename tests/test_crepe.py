@@ -22,7 +22,7 @@ steps; so the path case allows ``PATH_ALLOWANCE`` on top of the Monte Carlo erro
 size: those cases allow nothing.
 
 The ``test_*_perturbed`` tests rerun cases with a sign or a coefficient of the acceptance ratio
-changed from the outside — a monkeypatched :func:`pathsmc.crepe.swap_log_ratio` or an ``ops``
+changed from the outside — a monkeypatched :func:`pathsmc.crepe.path_swap_log_ratio` or an ``ops``
 module whose ``em_step`` rewrites its coefficients (the library has no test switches) — and
 require the same checks to fail.
 """
@@ -216,7 +216,7 @@ def faulty_ops(**override) -> SimpleNamespace:
 
 
 def _ratio(kind: str):
-    orig = crepe_mod.swap_log_ratio
+    orig = crepe_mod.path_swap_log_ratio
     if kind == "noising_sign":  # Δ(w) + Δ(z)
         return lambda dw, dz, lo=None, up=None: orig(dw, -dz, lo, up)
     if kind == "noising_dropped":  # Δ(w) only
@@ -250,7 +250,7 @@ RATIO_FAULTS = [
 
 @pytest.mark.parametrize("name,kind", RATIO_FAULTS, ids=[f"{n}:{k}" for n, k in RATIO_FAULTS])
 def test_swap_log_ratio_perturbed(monkeypatch, name: str, kind: str) -> None:
-    monkeypatch.setattr(crepe_mod, "swap_log_ratio", _ratio(kind))
+    monkeypatch.setattr(crepe_mod, "path_swap_log_ratio", _ratio(kind))
     res, key, allowance = run_case(name)
     assert failures(res, key, allowance) != []
 

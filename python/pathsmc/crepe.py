@@ -64,7 +64,7 @@ noise that reproduces ``z_n``, which evaluates ``Δ(z)`` with the same code. The
 
     log A = Δ(w) − Δ(z) + [r_{t_k}(w_0) − r_{t_k}(x_k)] + [r_{t_{k+1}}(z_M) − r_{t_{k+1}}(x_{k+1})]
 
-(:func:`swap_log_ratio`). Checks: with one model, β = 1 and no reward, G = G_1 and F's
+(:func:`path_swap_log_ratio`). Checks: with one model, β = 1 and no reward, G = G_1 and F's
 coefficient is 0, so Δ ≡ 0 and every swap is accepted — the noised state of level k *is* a draw
 from level k+1 and the denoised one from level k (exactly so in continuous time); the same
 holds for a product of two copies of one model with β = (½, ½).
@@ -156,17 +156,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pathsmc.diffusion import DiffusionModel, ReverseEM
+from pathsmc.diffusion import DiffusionModel, ReverseEM, model_exponents
 from pathsmc.tempering import optimal_schedule
 
-__all__ = ["CREPE", "CREPEResult", "crepe", "default_times", "swap_log_ratio"]
+__all__ = ["CREPE", "CREPEResult", "crepe", "default_times", "path_swap_log_ratio"]
 
 _SWAPS = ("deo", "seo")
 _WEIGHTINGS = ("path", "density")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def swap_log_ratio(
+def path_swap_log_ratio(
     delta_down: torch.Tensor,
     delta_up: torch.Tensor,
     potential_lower: torch.Tensor | None = None,
@@ -399,17 +399,9 @@ class CREPE:
         self.schedule = models[0].schedule
         if any(m.schedule != self.schedule for m in models[1:]):
             raise ValueError("model: every model must use the same schedule")
-        if beta is None:
-            betas = [1.0] * len(models)
-        elif isinstance(beta, int | float):
-            betas = [float(beta)]
-        else:
-            betas = [float(b) for b in beta]
-        if len(betas) != len(models):
-            raise ValueError(f"beta: expected {len(models)} exponents (one per model), "
-                             f"got {len(betas)}")
-        if not all(math.isfinite(b) for b in betas) or not sum(betas) > 0:
-            raise ValueError(f"beta: expected finite exponents with a positive sum, got {betas}")
+        betas = model_exponents(beta, len(models))
+        if not sum(betas) > 0:
+            raise ValueError(f"beta: expected exponents with a positive sum, got {betas}")
         self.betas = betas
         self.beta_sum = sum(betas)
         self.reward = reward
@@ -693,9 +685,9 @@ class CREPE:
             w, dw, phi_w, z, dz, phi_z = self._pair_paths(lo, self.x[lo], self.x[lo + 1])
             moved[lo], moved[lo + 1] = z, w
             if self.phi is None:
-                log_ratio[lo] = swap_log_ratio(dw, dz)
+                log_ratio[lo] = path_swap_log_ratio(dw, dz)
             else:
-                log_ratio[lo] = swap_log_ratio(dw, dz, phi_w - self.phi[lo],
+                log_ratio[lo] = path_swap_log_ratio(dw, dz, phi_w - self.phi[lo],
                                                phi_z - self.phi[lo + 1])
                 phi_moved[lo], phi_moved[lo + 1] = phi_z, phi_w
         lr = log_ratio.view(k - 1, bc)

@@ -50,9 +50,11 @@ __all__ = [
     "ReverseEM",
     "VPSchedule",
     "VESchedule",
+    "check_steering",
     "convert_prediction",
     "SteeringModel",
     "fk_potential",
+    "model_exponents",
     "steer",
     "steering_model",
     "time_grid",
@@ -622,6 +624,103 @@ class SteeringModel:
         return self._pack(x_new, ev, states, carry), logw
 
 
+def model_exponents(beta: float | Sequence[float] | None, num_models: int, *,
+                    name: str = "beta", error: type[Exception] = ValueError) -> list[float]:
+    """One finite exponent per model from a number (one model), a sequence, or None (1 each);
+    the parser of :func:`steer`'s, CREPE's and the sampling config's ``beta``."""
+    if beta is None:
+        return [1.0] * num_models
+    seq = [beta] if isinstance(beta, int | float) else list(beta)
+    if not all(isinstance(b, int | float) and not isinstance(b, bool) for b in seq):
+        raise error(f"{name}: expected numbers, got {beta!r}")
+    betas = [float(b) for b in seq]
+    if len(betas) != num_models:
+        raise error(f"{name}: expected {num_models} exponents (one per model), got {len(betas)}")
+    if not all(math.isfinite(b) for b in betas):
+        raise error(f"{name}: expected finite exponents, got {betas}")
+    return betas
+
+
+def check_steering(
+    mode: str,
+    log_probs: Sequence[bool],
+    *,
+    reward: bool,
+    value: bool,
+    beta: float | Sequence[float] | None,
+    guidance: float | None,
+    weighting: str,
+    name: Callable[[str], str] = str,
+    error: type[Exception] = ValueError,
+) -> tuple[list[float], float]:
+    """The rules that tie :func:`steer`'s arguments to its mode, in one place (``steer`` and
+    ``pathsmc sample`` both use them). Returns ``(betas, guidance)``: the exponent per model
+    and the guidance scale with the mode's default filled in.
+
+    Args:
+        mode: one of :data:`MODES`.
+        log_probs: per model, whether it has an exact ``log_prob`` (their number is the number
+            of models).
+        reward, value: whether a reward / a value function is given.
+        beta, guidance, weighting: as given to :func:`steer`.
+        name: maps an argument name (``"model"``, ``"reward"``, ``"value"``, ``"beta"``,
+            ``"guidance"``, ``"weighting"``, ``"log_prob[i]"``) to the name the caller's user
+            knows it by (a config key); errors name that.
+        error: the exception type raised.
+    """
+    n = len(log_probs)
+    if mode not in MODES:
+        raise error(f"{name('mode')}: expected one of {MODES}, got {mode!r}")
+    if mode in ("reward", "temper", "twisted") and n != 1:
+        raise error(f"{name('model')}: mode {mode!r} takes one model, got {n}")
+    if mode == "product" and n < 2:
+        raise error(f"{name('model')}: mode 'product' needs two or more models (one model: "
+                    "use mode 'temper')")
+    if weighting not in WEIGHTINGS:
+        raise error(f"{name('weighting')}: expected one of {WEIGHTINGS}, got {weighting!r}")
+    # exponents
+    if mode in ("reward", "twisted"):
+        if beta is not None:
+            raise error(f"{name('beta')}: not used by mode {mode!r} (use 'temper' / "
+                        "'product')")
+        betas = [1.0]
+    elif mode == "temper":
+        if isinstance(beta, bool) or not isinstance(beta, int | float):
+            raise error(f"{name('beta')}: mode 'temper' needs the exponent β (a number), "
+                        f"got {beta!r}")
+        betas = model_exponents(beta, 1, name=name("beta"), error=error)
+    elif beta is None and mode == "product":
+        raise error(f"{name('beta')}: mode 'product' needs one weight per model, e.g. "
+                    "[1.0, 1.0]")
+    else:
+        betas = model_exponents(beta, n, name=name("beta"), error=error)
+    # potentials
+    if mode == "reward" and not reward:
+        raise error(f"{name('reward')}: mode 'reward' needs reward(x) -> (B, N)")
+    if mode == "twisted" and not value:
+        raise error(f"{name('value')}: mode 'twisted' needs value(x, t) -> V or (V, ∇V)")
+    for arg, given in (("reward", reward), ("value", value)):
+        if given and mode in ("temper", "product"):
+            raise error(f"{name(arg)}: not used by mode {mode!r}")
+    if mode == "reward" and value:
+        raise error(f"{name('value')}: not used by mode 'reward' (use 'twisted')")
+    if guidance is None:
+        guidance = 1.0 if mode == "twisted" or (mode == "uncorrected" and (reward or value)) \
+            else 0.0
+    guidance = float(guidance)
+    if guidance != 0.0 and mode in ("temper", "product"):
+        raise error(f"{name('guidance')}: mode {mode!r} has no potential to guide with")
+    if guidance != 0.0 and mode == "uncorrected" and not (reward or value):
+        raise error(f"{name('guidance')}: mode 'uncorrected' needs a reward or a value to "
+                    "guide with")
+    if weighting == "density":
+        for i, has in enumerate(log_probs):
+            if not has:
+                raise error(f"{name(f'log_prob[{i}]')}: weighting 'density' needs the exact "
+                            "log-density of every model")
+    return betas, guidance
+
+
 def steer(
     model: DiffusionModel | Sequence[DiffusionModel],
     mode: str = "reward",
@@ -787,10 +886,6 @@ def steering_model(
     models = [model] if isinstance(model, DiffusionModel) else list(model)
     if not models or not all(isinstance(m, DiffusionModel) for m in models):
         raise TypeError("model: expected a DiffusionModel or a non-empty sequence of them")
-    if mode in ("reward", "temper", "twisted") and len(models) != 1:
-        raise ValueError(f"mode {mode!r}: expected one model, got {len(models)}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
     if potential not in POTENTIALS:
         raise ValueError(f"potential: expected one of {POTENTIALS}, got {potential!r}")
     if steps < 1:
@@ -799,47 +894,10 @@ def steering_model(
         raise ValueError(f"potential_every: expected a positive integer, got {potential_every}")
     if not 0.0 <= t_end < 1.0:
         raise ValueError(f"t_end: expected 0 <= t_end < 1, got {t_end}")
-    # exponents
-    if mode in ("reward", "twisted"):
-        if beta is not None:
-            raise ValueError(f"beta: not used by mode {mode!r} (use 'temper' / 'product')")
-        betas = [1.0]
-    elif mode == "temper":
-        if beta is None or not isinstance(beta, int | float):
-            raise ValueError("beta: mode 'temper' needs the exponent β as a float")
-        betas = [float(beta)]
-    else:
-        if beta is None:
-            if mode == "product":
-                raise ValueError("beta: mode 'product' needs one weight per model")
-            betas = [1.0] * len(models)
-        else:
-            betas = [float(beta)] if isinstance(beta, int | float) else [float(b) for b in beta]
-        if len(betas) != len(models):
-            raise ValueError(f"beta: expected {len(models)} weights (one per model), "
-                             f"got {len(betas)}")
-    if not all(math.isfinite(b) for b in betas):
-        raise ValueError(f"beta: expected finite weights, got {betas}")
-    # potentials
-    if mode == "reward" and reward is None:
-        raise ValueError("reward: mode 'reward' needs reward(x) -> (B, N)")
-    if mode == "twisted" and value is None:
-        raise ValueError("value: mode 'twisted' needs value(x, t) -> V or (V, ∇V)")
-    if mode in ("temper", "product") and (reward is not None or value is not None):
-        raise ValueError(f"reward/value: not used by mode {mode!r}")
-    if mode == "reward" and value is not None:
-        raise ValueError("value: not used by mode 'reward' (use 'twisted')")
-    if guidance is None:
-        guidance = {"twisted": 1.0, "uncorrected": 1.0}.get(mode, 0.0)
-        if mode == "uncorrected" and reward is None and value is None:
-            guidance = 0.0
-    guidance = float(guidance)
-    if guidance != 0.0 and mode in ("temper", "product"):
-        raise ValueError(f"guidance: mode {mode!r} has no potential to guide with")
-    if guidance != 0.0 and mode == "uncorrected" and reward is None and value is None:
-        raise ValueError("guidance: mode 'uncorrected' needs reward or value to guide with")
-    if weighting == "density" and not all(m.has_log_prob for m in models):
-        raise ValueError("weighting 'density': every model needs an exact log_prob")
+    betas, guidance = check_steering(
+        mode, [m.has_log_prob for m in models], reward=reward is not None,
+        value=value is not None, beta=beta, guidance=guidance, weighting=weighting,
+        name=lambda k: f"model[{k[9:-1]}].log_prob" if k.startswith("log_prob") else k)
     schedule = models[0].schedule
     if any(m.schedule != schedule for m in models[1:]):
         raise ValueError("model: every model must use the same schedule")

@@ -85,6 +85,16 @@ from typing import Any
 
 import torch
 
+from pathsmc._validate import RESAMPLING_SCHEMES as SCHEMES
+from pathsmc.diffusion import (
+    MODES,
+    DiffusionModel,
+    VESchedule,
+    VPSchedule,
+    check_steering,
+    steer,
+)
+
 __all__ = [
     "ConfigError",
     "JobConfig",
@@ -95,9 +105,7 @@ __all__ = [
     "run_sample",
 ]
 
-MODES = ("reward", "temper", "product", "twisted", "uncorrected")
 PREDICTIONS = ("score", "eps", "x0")
-SCHEMES = ("systematic", "stratified", "multinomial", "residual")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FORMATS = ("pt", "npz")
 RESULT_FILES = ("result.pt", "result.npz", "report.txt")
@@ -336,18 +344,6 @@ def load_config(path: str | Path) -> JobConfig:
         steer[f"{k}_args"] = _table(st, f"{k}_args", "steer.")
         if steer[f"{k}_args"] is not None and steer[k] is None:
             raise ConfigError(f"steer.{k}_args: given without steer.{k}")
-    if mode == "reward" and steer["reward"] is None:
-        raise ConfigError("steer.reward: mode 'reward' needs a reward (import path of "
-                          "reward(x) -> (B, N))")
-    if mode == "twisted" and steer["value"] is None:
-        raise ConfigError("steer.value: mode 'twisted' needs a value function (import path "
-                          "of value(x, t) -> V or (V, ∇V))")
-    if mode in ("temper", "product"):
-        for k in ("reward", "value"):
-            if steer[k] is not None:
-                raise ConfigError(f"steer.{k}: not used by mode {mode!r}")
-    if mode == "reward" and steer["value"] is not None:
-        raise ConfigError("steer.value: not used by mode 'reward' (use mode 'twisted')")
     if "potential" in st and mode != "reward":
         raise ConfigError(f"steer.potential: only mode 'reward' takes FK potentials, "
                           f"not {mode!r}")
@@ -355,43 +351,16 @@ def load_config(path: str | Path) -> JobConfig:
                                  "difference")
     steer["potential_every"] = _int(st, "potential_every", "steer.", 1)
     steer["guidance"] = _float(st, "guidance", "steer.", None)
-    if steer["guidance"] and mode in ("temper", "product"):
-        raise ConfigError(f"steer.guidance: mode {mode!r} has no potential to guide with")
-    if (steer["guidance"] and mode == "uncorrected" and steer["reward"] is None
-            and steer["value"] is None):
-        raise ConfigError("steer.guidance: mode 'uncorrected' needs steer.reward or "
-                          "steer.value to guide with")
     steer["weighting"] = _choice(st, "weighting", "steer.", ("path", "density"), "path")
-    if steer["weighting"] == "density":
-        for m in models:
-            if m.log_prob is None:
-                raise ConfigError(f"{m.key}.log_prob: steer.weighting = 'density' needs the "
-                                  "exact log-density of every model")
-    if mode == "product" and len(models) < 2:
-        raise ConfigError("model: mode 'product' needs two or more models ([[model]] tables)")
-    if mode in ("reward", "temper", "twisted") and len(models) != 1:
-        raise ConfigError(f"model: mode {mode!r} takes one [model], got {len(models)}")
     beta = st.get("beta")
-    if mode == "temper":
-        if isinstance(beta, bool) or not isinstance(beta, int | float):
-            raise ConfigError(f"steer.beta: mode 'temper' needs the exponent β (a number), "
-                              f"got {beta!r}")
-        steer["beta"] = float(beta)
-    elif beta is not None:
-        if mode in ("reward", "twisted"):
-            raise ConfigError(f"steer.beta: not used by mode {mode!r}")
-        betas = beta if isinstance(beta, list) else [beta]
-        if not all(isinstance(b, int | float) and not isinstance(b, bool) for b in betas):
-            raise ConfigError(f"steer.beta: expected numbers, got {beta!r}")
-        if len(betas) != len(models):
-            raise ConfigError(f"steer.beta: expected {len(models)} weights (one per [[model]] "
-                              f"table), got {len(betas)}")
-        steer["beta"] = [float(b) for b in betas]
-    elif mode == "product":
-        raise ConfigError("steer.beta: mode 'product' needs one weight per model, e.g. "
-                          "beta = [1.0, 1.0]")
-    else:
-        steer["beta"] = None
+    keys = {"model": "model", "mode": "steer.mode"}
+    betas, _ = check_steering(
+        mode, [m.log_prob is not None for m in models], reward=steer["reward"] is not None,
+        value=steer["value"] is not None, beta=beta, guidance=steer["guidance"],
+        weighting=steer["weighting"], error=ConfigError,
+        name=lambda k: (f"{models[int(k[9:-1])].key}.log_prob" if k.startswith("log_prob")
+                        else keys.get(k, f"steer.{k}")))
+    steer["beta"] = betas[0] if mode == "temper" else (betas if beta is not None else None)
     # sizes and the rest
     batch = _int(raw, "batch", "", 1)
     chunk = _int(raw, "chunk", "", batch)
@@ -468,8 +437,6 @@ def resolve(spec: str, key: str, args: dict[str, Any] | None = None) -> Callable
 
 
 def _schedule(cfg: JobConfig):
-    from pathsmc.diffusion import VESchedule, VPSchedule
-
     params = {k: v for k, v in cfg.schedule.items() if k != "kind"}
     cls = VPSchedule if cfg.schedule["kind"] == "vp" else VESchedule
     try:
@@ -533,8 +500,6 @@ def chunk_seed(seed: int, index: int) -> int:
 
 def _run_chunk(cfg: JobConfig, job: _Job, index: int, start: int, stop: int,
                progress: bool) -> dict[str, Any]:
-    from pathsmc.diffusion import DiffusionModel, steer
-
     models = []
     for m, fn, lp, cond in zip(cfg.models, job.fns, job.log_probs, job.conditions,
                                strict=True):
