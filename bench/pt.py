@@ -10,7 +10,10 @@ rounds) gives a schedule and MALA step sizes; both variants then run with that s
 step sizes frozen (``adapt_step=False``): one warm-up round of ``--warmup`` scans, then
 ``--repeats`` timed rounds of ``--scans`` scans each, every one from the same seed. Reported per
 variant: round trips (summed over the C chain columns) per second and per scan, and the wall
-time per scan (median over the repeats), plus the speed-up of the fused ops.
+time per scan (median over the repeats), plus the speed-up of the fused ops. A third row,
+"fused, K auto", runs the fused ops with the number of levels chosen from the pilot's barrier
+(a second pilot with ``adapt_levels=True``: ``levels_for_barrier``, the K that maximizes round
+trips per level-scan, about 2Λ + 1).
 
 Targets: the 1-D double well (targets/double_well.py, DoubleWell1D) and ManyWell(dim=8), both
 from the default N(0, I) reference with i.i.d. redraws at level 0.
@@ -41,7 +44,7 @@ from pathsmc.targets.boltzmann import ManyWell
 from pathsmc.targets.double_well import DoubleWell1D
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import cpu_name, slug  # noqa: E402  (bench/run.py's machine-name helpers)
+from machine import cpu_name, slug  # noqa: E402  (bench/machine.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -107,11 +110,19 @@ def main() -> None:
             target, rounds=args.pilot_rounds, num_levels=args.levels, num_chains=32,
             local_steps=args.local_steps, generator=torch.Generator().manual_seed(0))
         betas, step = pilot.betas[0], pilot.step_size[0]
+        auto = tempering.parallel_tempering(
+            target, rounds=args.pilot_rounds, num_levels=args.levels, num_chains=32,
+            local_steps=args.local_steps, adapt_levels=True,
+            generator=torch.Generator().manual_seed(0))
         for chains in args.chains:
             row = {"target": name, "dim": target.dim, "chains": chains, "betas": betas.tolist(),
                    "step_size": step.tolist(), "pilot_barrier": float(pilot.last.barrier.mean())}
-            for variant, module in (("fused", pathsmc.ops), ("pytorch", pathsmc.reference)):
-                row[variant] = measure(target, betas, step, chains, args, module)
+            runs = (("fused", betas, step, pathsmc.ops),
+                    ("pytorch", betas, step, pathsmc.reference),
+                    ("fused_auto", auto.betas[0], auto.step_size[0], pathsmc.ops))
+            for variant, b, h, module in runs:
+                row[variant] = measure(target, b, h, chains, args, module)
+                row[variant]["levels"] = len(b)
                 r = row[variant]
                 print(f"{name} C={chains} {variant}: {r['round_trips_per_second']:.1f} trips/s, "
                       f"{r['round_trips_per_scan']:.4f} trips/scan, "
@@ -128,15 +139,17 @@ def main() -> None:
              f"fixed schedule and step sizes from a {args.pilot_rounds}-round pilot (C = 32), "
              f"{args.repeats} × "
              f"{args.scans} scans after {args.warmup} warm-up scans.", "",
-             "| target | D | C | barrier Λ | ops | round trips | trips/s | trips/scan | ms/scan | "
-             "speed-up |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| target | D | C | barrier Λ | ops | K | round trips | trips/s | trips/scan | "
+             "ms/scan | speed-up |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in out["targets"].values():
-        for variant in ("fused", "pytorch"):
+        for variant in ("fused", "pytorch", "fused_auto"):
             r = row[variant]
             sp = f"{row['speedup']:.2f}×" if variant == "fused" else ""
             lam = row["fused"]["reps"][0]["barrier"]
+            name = "fused, K auto" if variant == "fused_auto" else variant
             lines.append(f"| {row['target']} | {row['dim']} | {row['chains']} | {lam:.2f} | "
-                         f"{variant} | {r['round_trips']} | {r['round_trips_per_second']:.1f} | "
+                         f"{name} | {r['levels']} | {r['round_trips']} | "
+                         f"{r['round_trips_per_second']:.1f} | "
                          f"{r['round_trips_per_scan']:.4f} | {r['median_ms_per_scan']:.3f} | "
                          f"{sp} |")
     args.out.mkdir(parents=True, exist_ok=True)
