@@ -28,6 +28,7 @@ Path: the geometric bridge ``π_β ∝ ref^{1−β} · γ^β`` from a normalized
 3. **Resampling** with :func:`pathsmc.ops.adaptive_resample` (rows with ESS < threshold·N;
    ``resample_threshold >= 1`` resamples every step). Resampled rows reset their weights to
    their running log Ẑ, so ``log Ẑ = logsumexp(logw) − log N`` at the end (DESIGN.md).
+   (The waste-free variant, below, replaces steps 3 and 4.)
 4. **MALA moves** targeting π_β', ``mcmc_steps`` per temperature: the proposal
    ``x' = x + h∇log π_β'(x) + √(2h)·ε`` goes through :func:`pathsmc.ops.em_step` and the
    Metropolis–Hastings correction through :func:`pathsmc.ops.mala_accept`, both with the
@@ -44,10 +45,26 @@ are spent after the last row finishes. At step ``max_steps`` every unfinished ro
 β = 1 (still a valid, if noisier, estimate; those rows are flagged in
 :attr:`AnnealedSMCResult.forced` and a warning is raised).
 
+**Waste-free variant** (``waste_free=True``; Dau & Chopin, "Waste-free sequential Monte Carlo",
+JRSS-B 2022). With N = M·P particles (P = ``chain_length``), steps 3–4 become: resample only M
+ancestors from the N weighted particles (:func:`pathsmc.ops.resample` with ``num_samples=M``,
+every step), run each through a MALA chain of P − 1 moves targeting π_β', and keep *every*
+state of every chain (the ancestor and its P − 1 successors) as the new population, laid out
+``(B, M, P, …) → (B, N, …)``, equally weighted: each row's log-weights are reset to its running
+log Ẑ, so with uniform weights before every step the CESS equals the ESS. A step costs
+M·(P − 1) = N·(P − 1)/P target evaluations, about one MALA sweep of the population, where the
+standard variant spends N·``mcmc_steps``. Dau & Chopin report the performance insensitive to P
+over a wide range as long as M is not too small; the default P is the largest divisor of N that
+is at most ``min(64, N // 64)`` (M ≥ 64 from N = 128 on, P = 2 below; P ≤ 64 also bounds the
+P − 1 sequential moves per step, each over only B·M particles, which matters on GPUs). The
+tempering criterion counts the N correlated chain states as N particles (as ``particles``
+does), and the step size adapts after every move of the chains as in the standard variant
+(its dependence on the population is an O(1/M) bias of the same kind as above).
+
 Particles: ``states = [x, log γ(x), log ref(x), ∇log γ(x)]`` travel together through
 resampling; ∇log ref is recomputed (the reference is a cheap Gaussian). One target evaluation
-(value and gradient) per particle per MALA move, plus one at the start. (The waste-free
-variant of Dau & Chopin 2022 is not implemented yet.)
+(value and gradient) per particle per MALA move, plus one at the start
+(:attr:`AnnealedSMCResult.target_evals`).
 """
 
 from __future__ import annotations
@@ -152,12 +169,15 @@ class AnnealedSMCResult:
         log_z: log Ẑ per row ``(B,)`` (−inf for a row whose particles all died).
         betas: β per row ``(T + 1, B)``, starting at 0.
         ess: ESS after each step's reweighting, before its resampling, ``(T, B)``.
-        resampled: ``(T, B)`` bool.
+        resampled: ``(T, B)`` bool (True every step in waste-free mode).
         accept: mean MALA acceptance rate over the step's moves ``(T, B)``.
         step_size: MALA step size h per row after the step's adaptation ``(T, B)``.
         num_steps: steps each row took to reach β = 1 ``(B,)`` int64.
         forced: rows that were made to jump to β = 1 at ``max_steps`` ``(B,)`` bool.
-        target_evals: target (value + gradient) evaluations per particle.
+        target_evals: target (value + gradient) evaluations per particle of the population:
+            the run made ``B·N·target_evals`` in all. Standard: ``1 + T·mcmc_steps``;
+            waste-free: N at the start plus M·(P − 1) per step, ``1 + T·(P − 1)/P``. Compare
+            the variants at equal ``N·target_evals``.
         dead_rows: ``{row: first step at which all its particles were dead}``.
     """
 
@@ -171,7 +191,7 @@ class AnnealedSMCResult:
     step_size: torch.Tensor
     num_steps: torch.Tensor
     forced: torch.Tensor
-    target_evals: int
+    target_evals: float
     dead_rows: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -193,7 +213,7 @@ class AnnealedSMCResult:
         lines = [
             f"annealed SMC: {self.logw.shape[0]} rows × {n} particles, {self.ess.shape[0]} "
             f"steps ({ns.min().item():.0f}–{ns.max().item():.0f} to β = 1), "
-            f"{self.target_evals} target evaluations per particle",
+            f"{self.target_evals:g} target evaluations per particle",
             f"  log Ẑ: mean {lz[live].mean().item():.4f}, sd {lz[live].std().item():.4f} over "
             f"{int(live.sum())} live rows" if bool(live.any()) else "  log Ẑ: every row died",
             f"  ESS: min {self.ess.double().min().item():.1f}/{n}; resampled "
@@ -234,7 +254,9 @@ def annealed_smc(
     bisection_iterations: int = 24,
     resample_threshold: float = 0.5,
     scheme: str = "systematic",
-    mcmc_steps: int = 4,
+    mcmc_steps: int | None = None,
+    waste_free: bool = False,
+    chain_length: int | None = None,
     step_size: float | torch.Tensor | None = None,
     target_accept: float = 0.574,
     adapt_rate: float = 1.0,
@@ -262,8 +284,16 @@ def annealed_smc(
             take fewer, larger steps and give noisier log Ẑ per target evaluation).
         bisection_iterations: fixed number of bisection iterations per step.
         resample_threshold: resample a row when its ESS < threshold·N (>= 1: every step).
-        scheme: resampling scheme of :func:`pathsmc.ops.adaptive_resample`.
-        mcmc_steps: MALA moves per temperature (0: plain annealed importance sampling).
+        scheme: resampling scheme of :func:`pathsmc.ops.adaptive_resample` (waste-free:
+            of :func:`pathsmc.ops.resample` drawing the M ancestors).
+        mcmc_steps: MALA moves per temperature (default 4; 0: plain annealed importance
+            sampling). Waste-free runs make ``chain_length − 1`` moves: leave it unset (or
+            equal to that).
+        waste_free: the waste-free variant of Dau & Chopin (2022), see the module docstring:
+            each step resamples M = N / P ancestors and keeps every state of their MALA chains
+            of length P (``resample_threshold`` is then not used: resampling is every step).
+        chain_length: P, a divisor of N, at least 2 (waste-free only; default: the largest
+            divisor of N that is at most ``min(64, N // 64)``).
         step_size: initial MALA step h, a float or ``(B,)`` (default
             ``0.5 · mean(ref variance) · D^(−1/3)``).
         target_accept: acceptance rate the step-size adaptation aims at.
@@ -286,7 +316,13 @@ def annealed_smc(
         raise ValueError(f"criterion: expected one of {_CRITERIA}, got {criterion!r}")
     if not 0.0 < target_ess < 1.0:
         raise ValueError(f"target_ess: expected a fraction in (0, 1), got {target_ess}")
-    if max_steps < 1 or (check_every is not None and check_every < 1) or mcmc_steps < 0:
+    b, n = int(batch), int(particles)
+    p = _chain_length(n, chain_length, waste_free)
+    moves = p - 1 if waste_free else (4 if mcmc_steps is None else int(mcmc_steps))
+    if waste_free and mcmc_steps is not None and mcmc_steps != moves:
+        raise ValueError(f"mcmc_steps: waste-free SMC makes chain_length − 1 = {moves} moves "
+                         f"per step, got mcmc_steps = {mcmc_steps} (leave it unset)")
+    if max_steps < 1 or (check_every is not None and check_every < 1) or moves < 0:
         raise ValueError("max_steps and check_every must be >= 1 and mcmc_steps >= 0")
     dim = int(target.dim)
     if reference is None:
@@ -296,7 +332,6 @@ def annealed_smc(
     if reference.log_z != 0.0:
         raise ValueError("reference: must be normalized (log_z = 0)")
     device = reference.mean.device if device is None else torch.device(device)
-    b, n = int(batch), int(particles)
     f64 = torch.float64
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 8
@@ -349,17 +384,24 @@ def annealed_smc(
             inc = incremental_log_weight(delta, lt, lr)
             logw = logw + torch.where(delta.unsqueeze(-1) > 0, inc, torch.zeros_like(inc))
             ess_h[k] = ops.normalize(logw)[2]
-            # 3. resample (adaptive, no host sync).
-            (x, lt, lr, gt), logw, _, res_h[k] = ops.adaptive_resample(
-                [x, lt, lr, gt], logw, threshold=resample_threshold, scheme=scheme,
-                generator=generator)
+            # 3. resample (adaptive, no host sync; waste-free: M = N / P ancestors, every step).
+            if waste_free:
+                anc = ops.resample(logw, scheme, num_samples=n // p, generator=generator)
+                x, lt, lr, gt = (_take(s, anc) for s in (x, lt, lr, gt))
+                logw = _log_z(logw).unsqueeze(-1).expand(b, n).contiguous()
+                res_h[k] = True
+            else:
+                (x, lt, lr, gt), logw, _, res_h[k] = ops.adaptive_resample(
+                    [x, lt, lr, gt], logw, threshold=resample_threshold, scheme=scheme,
+                    generator=generator)
             beta = new_beta
             betas[k + 1] = beta
-            # 4. MALA moves at the new temperature.
-            if mcmc_steps:
+            # 4. MALA moves at the new temperature (waste-free: every state of the M chains
+            # becomes a particle, (B, M, P, ...) -> (B, N, ...)).
+            if moves:
                 x, lt, lr, gt, log_h, acc_h[k] = _mala_moves(
-                    target, reference, x, lt, lr, gt, beta, log_h, mcmc_steps,
-                    target_accept, adapt_rate, generator)
+                    target, reference, x, lt, lr, gt, beta, log_h, moves,
+                    target_accept, adapt_rate, generator, keep_path=waste_free)
             step_h[k] = log_h.exp()
             steps = k + 1
             bar.update(1)
@@ -373,26 +415,58 @@ def annealed_smc(
     acc_h, step_h = acc_h[:steps], step_h[:steps]
     reached = betas >= 1.0
     num_steps = torch.where(reached.any(0), reached.double().argmax(0), steps)
-    log_z = torch.logsumexp(torch.nan_to_num(logw, nan=-math.inf), -1) - math.log(n)
+    log_z = _log_z(logw)
     forced_cpu = forced.cpu()
     if bool(forced_cpu.any()):
         warnings.warn(f"annealed_smc: {int(forced_cpu.sum())} of {b} rows had not reached "
                       f"β = 1 after max_steps = {max_steps} and jumped there in one step; "
                       "their log Ẑ is valid but noisy (raise max_steps)", RuntimeWarning,
                       stacklevel=2)
-    evals = 1 + steps * mcmc_steps
+    evals = 1 + steps * moves / p  # B·M·moves evaluations per step, M = N / p
     return AnnealedSMCResult(x, logw, log_z, betas, ess_h, res_h, acc_h, step_h, num_steps,
                              forced, evals, _dead_rows(ess_h))
 
 
+def _chain_length(n: int, chain_length: int | None, waste_free: bool) -> int:
+    """P for waste-free runs (validated or the default), 1 for the standard variant."""
+    if not waste_free:
+        if chain_length is not None:
+            raise ValueError("chain_length: only used with waste_free=True")
+        return 1
+    if chain_length is None:
+        cap = min(64, max(2, n // 64))
+        chain_length = next((q for q in range(cap, 1, -1) if n % q == 0), None)
+        if chain_length is None:
+            raise ValueError(f"chain_length: particles = {n} has no divisor in [2, {cap}] "
+                             "for the default; pass chain_length (a divisor of N, >= 2)")
+    p = int(chain_length)
+    if p < 2 or n % p:
+        raise ValueError(f"chain_length: expected a divisor P >= 2 of particles = {n}, "
+                         f"got {chain_length}")
+    return p
+
+
+def _log_z(logw: torch.Tensor) -> torch.Tensor:
+    """The running ``log Ẑ = logsumexp(logw) − log N`` per row (NaN weights are dead)."""
+    return torch.logsumexp(torch.nan_to_num(logw, nan=-math.inf), -1) - math.log(logw.shape[-1])
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[b, idx[b, i], ...]``: a ``(B, N, ...)`` state gathered by ``(B, M)`` indices."""
+    return torch.take_along_dim(t, idx.reshape(*idx.shape, *([1] * (t.dim() - 2))), dim=1)
+
+
 def _mala_moves(target, reference, x, lt, lr, gt, beta, log_h, moves, target_accept,
-                adapt_rate, generator):
-    """``moves`` MALA steps targeting π_β per row; adapts log h per row after each."""
+                adapt_rate, generator, keep_path=False):
+    """``moves`` MALA steps targeting π_β per row; adapts log h per row after each. With
+    ``keep_path`` the states returned are every state of the chains, ``(B, M·(moves + 1), ...)``
+    in the layout (chain, position along the chain)."""
     b = x.shape[0]
     _, gr = _eval(reference, x)
     logp = geometric_mix(beta, lr, lt)
     grad = geometric_mix(beta, gr, gt)
     acc_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
+    path = [(x, lt, lr, gt)] if keep_path else None
     for _ in range(moves):
         h = log_h.exp().to(x.dtype).double()  # the same h (x's precision) in both ops
         x_prop, _ = ops.em_step(x, grad, dt=h, sigma=_SQRT2, generator=generator)
@@ -404,8 +478,12 @@ def _mala_moves(target, reference, x, lt, lr, gt, beta, log_h, moves, target_acc
         lt = torch.where(acc, lt_p, lt)
         lr = torch.where(acc, lr_p, lr)
         gt = torch.where(acc.unsqueeze(-1), gt_p, gt)
+        if keep_path:
+            path.append((x, lt, lr, gt))
         rate = acc.double().mean(-1)
         acc_sum = acc_sum + rate
         if adapt_rate:
             log_h = (log_h + adapt_rate * (rate - target_accept)).clamp(-30.0, 10.0)
+    if keep_path:
+        x, lt, lr, gt = (torch.stack(s, 2).flatten(1, 2) for s in zip(*path, strict=True))
     return x, lt, lr, gt, log_h, acc_sum / moves
