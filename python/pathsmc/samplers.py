@@ -79,7 +79,15 @@ from pathsmc import ops
 from pathsmc.smc import _dead_rows, _progress
 from pathsmc.targets.boltzmann import DiagonalGaussian
 
-__all__ = ["AnnealedSMCResult", "annealed_smc", "incremental_log_weight", "next_temperature"]
+__all__ = [
+    "AnnealedSMCResult",
+    "adapt_log_step",
+    "annealed_smc",
+    "geometric_mix",
+    "incremental_log_weight",
+    "mala_step",
+    "next_temperature",
+]
 
 _SQRT2 = math.sqrt(2.0)
 _CRITERIA = ("cess", "ess")
@@ -230,7 +238,10 @@ class AnnealedSMCResult:
 
 
 def _eval(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lp, g = fn.log_prob_and_grad(x)
+    """``(log density float64 (...), gradient (..., D) in x's dtype)`` of an object with
+    ``log_prob_and_grad`` or a plain callable returning that pair."""
+    f = fn.log_prob_and_grad if hasattr(fn, "log_prob_and_grad") else fn
+    lp, g = f(x)
     return lp.to(torch.float64), g.to(x.dtype)
 
 
@@ -456,6 +467,54 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx.reshape(*idx.shape, *([1] * (t.dim() - 2))), dim=1)
 
 
+def mala_step(target, reference, x, lt, lr, gt, gr, beta, h, generator=None, *, ops=ops):
+    """One MALA move of every chain targeting its level ``π_β ∝ ref^{1−β}·γ^β``.
+
+    The proposal ``x' = x + h∇log π_β(x) + √(2h)·ε`` is :func:`pathsmc.ops.em_step` with the
+    per-row step (``dt=h, sigma=√2``, noise drawn in-kernel) and the Metropolis–Hastings
+    correction :func:`pathsmc.ops.mala_accept`; the cached ``log γ, log ref`` and their
+    gradients follow the accepted states. Shared by :func:`annealed_smc` and
+    :class:`pathsmc.tempering.ParallelTempering`.
+
+    Args:
+        target, reference: objects with ``log_prob_and_grad`` (or callables returning it).
+        x: states ``(*rows, C, D)``: any leading row dims (problems; levels × problems), C
+            chains per row.
+        lt, lr: ``log γ(x)``, ``log ref(x)`` ``(*rows, C)`` float64; gt, gr: their gradients.
+        beta, h: inverse temperature and step size per row, ``rows``-shaped; ``h`` float64
+            holding values representable in x's dtype (the same h in both ops).
+        ops: the module providing ``em_step`` and ``mala_accept`` (pathsmc.reference: pure
+            PyTorch).
+
+    Returns ``(x, lt, lr, gt, gr, accepted (*rows, C) bool)``.
+    """
+    rows = beta.dim()
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, *t.shape[rows:])
+
+    logp, grad = geometric_mix(beta, lr, lt), geometric_mix(beta, gr, gt)
+    hf = h.reshape(-1)
+    x_prop, _ = ops.em_step(flat(x), flat(grad), dt=hf, sigma=_SQRT2, generator=generator)
+    x_prop = x_prop.view(x.shape)
+    lt_p, gt_p = _eval(target, x_prop)
+    lr_p, gr_p = _eval(reference, x_prop)
+    x_new, _, _, acc = ops.mala_accept(
+        flat(x), flat(x_prop), flat(logp), flat(geometric_mix(beta, lr_p, lt_p)), flat(grad),
+        flat(geometric_mix(beta, gr_p, gt_p)), hf, generator=generator)
+    acc = acc.view(lt.shape)
+    a = acc.unsqueeze(-1)
+    return (x_new.view(x.shape), torch.where(acc, lt_p, lt), torch.where(acc, lr_p, lr),
+            torch.where(a, gt_p, gt), torch.where(a, gr_p, gr), acc)
+
+
+def adapt_log_step(log_h: torch.Tensor, rate: torch.Tensor, target_accept: float,
+                   adapt_rate: float) -> torch.Tensor:
+    """``log h += adapt_rate·(acceptance − target_accept)`` per row, clamped to a sane range
+    (on the device, no host read)."""
+    return (log_h + adapt_rate * (rate - target_accept)).clamp(-30.0, 10.0)
+
+
 def _mala_moves(target, reference, x, lt, lr, gt, beta, log_h, moves, target_accept,
                 adapt_rate, generator, keep_path=False):
     """``moves`` MALA steps targeting π_β per row; adapts log h per row after each. With
@@ -463,27 +522,18 @@ def _mala_moves(target, reference, x, lt, lr, gt, beta, log_h, moves, target_acc
     in the layout (chain, position along the chain)."""
     b = x.shape[0]
     _, gr = _eval(reference, x)
-    logp = geometric_mix(beta, lr, lt)
-    grad = geometric_mix(beta, gr, gt)
     acc_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
     path = [(x, lt, lr, gt)] if keep_path else None
     for _ in range(moves):
         h = log_h.exp().to(x.dtype).double()  # the same h (x's precision) in both ops
-        x_prop, _ = ops.em_step(x, grad, dt=h, sigma=_SQRT2, generator=generator)
-        lt_p, gt_p = _eval(target, x_prop)
-        lr_p, gr_p = _eval(reference, x_prop)
-        x, logp, grad, acc = ops.mala_accept(x, x_prop, logp, geometric_mix(beta, lr_p, lt_p),
-                                             grad, geometric_mix(beta, gr_p, gt_p), h,
-                                             generator=generator)
-        lt = torch.where(acc, lt_p, lt)
-        lr = torch.where(acc, lr_p, lr)
-        gt = torch.where(acc.unsqueeze(-1), gt_p, gt)
+        x, lt, lr, gt, gr, acc = mala_step(target, reference, x, lt, lr, gt, gr, beta, h,
+                                           generator)
         if keep_path:
             path.append((x, lt, lr, gt))
         rate = acc.double().mean(-1)
         acc_sum = acc_sum + rate
         if adapt_rate:
-            log_h = (log_h + adapt_rate * (rate - target_accept)).clamp(-30.0, 10.0)
+            log_h = adapt_log_step(log_h, rate, target_accept, adapt_rate)
     if keep_path:
         x, lt, lr, gt = (torch.stack(s, 2).flatten(1, 2) for s in zip(*path, strict=True))
     return x, lt, lr, gt, log_h, acc_sum / moves

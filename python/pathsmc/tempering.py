@@ -87,7 +87,7 @@ import numpy as np
 import torch
 
 from pathsmc import ops
-from pathsmc.samplers import geometric_mix
+from pathsmc.samplers import _eval, adapt_log_step, mala_step
 
 __all__ = [
     "MonotoneCubic",
@@ -102,7 +102,6 @@ __all__ = [
     "swap_log_ratio",
 ]
 
-_SQRT2 = math.sqrt(2.0)
 _SWAPS = ("deo", "seo")
 _MIN_REJECTION = 1e-6  # floor on the rejection rates so the cumulative barrier is increasing
 
@@ -300,14 +299,6 @@ class PerProblemTarget:
                              f"got {tuple(x.shape)}")
         outs = [_eval(t, x[..., b, :, :]) for b, t in enumerate(self.targets)]
         return torch.stack([o[0] for o in outs], -2), torch.stack([o[1] for o in outs], -3)
-
-
-def _eval(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log density float64 (...), gradient (..., D) in x's dtype)`` of an object with
-    ``log_prob_and_grad`` or a plain callable returning that pair."""
-    f = fn.log_prob_and_grad if hasattr(fn, "log_prob_and_grad") else fn
-    lp, g = f(x)
-    return lp.to(torch.float64), g.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,36 +681,18 @@ class ParallelTempering:
     def _local_moves(self, acc_sum: torch.Tensor, adapt: bool) -> None:
         """``local_steps`` MALA moves at every level (from level 1 when level 0 is i.i.d.)."""
         lo = 1 if self.reference_iid else 0
-        kk, b, c, d = self.K - lo, self.B, self.C, self.dim
-        rows = kk * b
         x, lt, lr, gt, gr = (t[lo:] for t in (self.x, self.lt, self.lr, self.gt, self.gr))
-        beta = self._betas[lo:]  # (kk, B)
-        logp = geometric_mix(beta, lr, lt)
-        grad = geometric_mix(beta, gr, gt)
+        beta = self._betas[lo:]  # (K − lo, B): one row per level and problem
         for _ in range(self.local_steps):
             log_h = self._log_h[lo:]
             h = log_h.exp().to(self.dtype).double()  # the same h (x's precision) in both ops
-            x_prop, _ = ops.em_step(x.reshape(rows, c, d), grad.reshape(rows, c, d),
-                                    dt=h.reshape(rows), sigma=_SQRT2, generator=self.generator)
-            x_prop = x_prop.view(kk, b, c, d)
-            lt_p, gt_p = self._eval_target(x_prop)
-            lr_p, gr_p = _eval(self.reference, x_prop)
-            logp_p = geometric_mix(beta, lr_p, lt_p)
-            grad_p = geometric_mix(beta, gr_p, gt_p)
-            xo, lpo, go, acc = ops.mala_accept(
-                x.reshape(rows, c, d), x_prop.reshape(rows, c, d), logp.reshape(rows, c),
-                logp_p.reshape(rows, c), grad.reshape(rows, c, d), grad_p.reshape(rows, c, d),
-                h.reshape(rows), generator=self.generator)
-            acc = acc.view(kk, b, c)
-            a4 = acc.unsqueeze(-1)
-            x, logp, grad = xo.view(kk, b, c, d), lpo.view(kk, b, c), go.view(kk, b, c, d)
-            lt, lr = torch.where(acc, lt_p, lt), torch.where(acc, lr_p, lr)
-            gt, gr = torch.where(a4, gt_p, gt), torch.where(a4, gr_p, gr)
-            rate = acc.sum(-1, dtype=torch.float64)  # (kk, B)
+            x, lt, lr, gt, gr, acc = mala_step(self.target, self.reference, x, lt, lr, gt, gr,
+                                               beta, h, self.generator, ops=ops)
+            rate = acc.sum(-1, dtype=torch.float64)  # (K − lo, B)
             acc_sum[lo:] += rate
             if adapt and self.adapt_rate:
-                new = log_h + self.adapt_rate * (rate / c - self.target_accept)
-                self._log_h[lo:] = new.clamp(-30.0, 10.0)
+                self._log_h[lo:] = adapt_log_step(log_h, rate / self.C, self.target_accept,
+                                                  self.adapt_rate)
         self.target_evals += self.local_steps
         if lo:
             x0 = self._ref_sample((1,))
