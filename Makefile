@@ -32,11 +32,15 @@ lint: $(DEPS)
 	$(VPY) -m ruff check python tests bench tools
 
 # A venv that reuses an importable torch (e.g. a GPU host's own CUDA torch), else the CPU wheel.
+# The .pth file adds the host Python's site-packages: when that Python is itself a venv
+# (/opt/torch/.venv on the GPU hosts), --system-site-packages alone would not see its torch.
 $(DEPS):
 	@if [ ! -x $(VPY) ]; then \
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	    echo "make: reusing torch from $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	    $(PYTHON) -c "import site, sys; print(chr(10).join(site.getsitepackages()))" \
+	      > "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_host_site.pth"; \
 	  else \
 	    $(PYTHON) -m venv $(VENV); \
 	  fi; \
