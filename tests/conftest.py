@@ -7,7 +7,9 @@ the data being compared; float64 comparisons are tight (rtol 1e-10).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 
 import pytest
 import torch
@@ -87,3 +89,51 @@ def rand_open(shape, g: torch.Generator, device: str = "cpu") -> torch.Tensor:
 def mc_bound(n: int, var: float = 1.0, z: float = 5.0) -> float:
     """z standard errors of a mean of n i.i.d. samples with variance ``var``."""
     return z * math.sqrt(var / n)
+
+
+# ---- host-read guard (tests/test_no_sync.py explains it) ----
+
+_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+# Value checks that pathsmc runs on CPU tensors only (skipped on CUDA).
+_CPU_ONLY_CHECKS = {"_scalar_or_rows", "check_uniforms"}
+
+
+class HostRead(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Make every host read of a tensor raise :class:`HostRead` inside the block."""
+    saved = {name: getattr(torch.Tensor, name) for name in _READS}
+
+    def forbid(name):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_name
+            if self.device.type == "cpu" and caller in _CPU_ONLY_CHECKS:
+                return saved[name](self, *args, **kwargs)
+            raise HostRead(f"Tensor.{name}() inside a sampling loop (a host sync on a GPU)")
+        return read
+
+    try:
+        for name in _READS:
+            setattr(torch.Tensor, name, forbid(name))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+@pytest.fixture
+def guarded_annealed_loop(monkeypatch):
+    """Run annealed_smc's step loop (the body of its progress-bar block) under the guard."""
+    import pathsmc.samplers as samplers
+
+    progress = samplers._progress
+
+    @contextlib.contextmanager
+    def guarded(*args, **kwargs):
+        with progress(*args, **kwargs) as bar, no_host_reads():
+            yield bar
+
+    monkeypatch.setattr(samplers, "_progress", guarded)

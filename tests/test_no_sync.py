@@ -12,12 +12,11 @@ tensors are let through.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 
 import pytest
 import torch
+from conftest import HostRead, no_host_reads
 
 import pathsmc.samplers as samplers
 import pathsmc.smc as smc_module
@@ -27,36 +26,6 @@ from pathsmc.targets.boltzmann import DiagonalGaussian, ManyWell
 from pathsmc.targets.double_well import DoubleWell1D
 from pathsmc.targets.gaussian_mixture import default_2d
 from pathsmc.tempering import ParallelTempering
-
-_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
-# Value checks that pathsmc runs on CPU tensors only (skipped on CUDA).
-_CPU_ONLY_CHECKS = {"_scalar_or_rows", "check_uniforms"}
-
-
-class HostRead(AssertionError):
-    pass
-
-
-@contextlib.contextmanager
-def no_host_reads():
-    """Make every host read of a tensor raise :class:`HostRead` inside the block."""
-    saved = {name: getattr(torch.Tensor, name) for name in _READS}
-
-    def forbid(name):
-        def read(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_name
-            if self.device.type == "cpu" and caller in _CPU_ONLY_CHECKS:
-                return saved[name](self, *args, **kwargs)
-            raise HostRead(f"Tensor.{name}() inside a sampling loop (a host sync on a GPU)")
-        return read
-
-    try:
-        for name in _READS:
-            setattr(torch.Tensor, name, forbid(name))
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
 
 
 def test_the_guard_catches_host_reads():
@@ -107,19 +76,6 @@ def test_product_and_twisted_loops_do_not_read_the_device(guarded_smc_loop):
         return (-0.1 * (x * x).sum(-1)).double(), -0.2 * x
 
     steer(model, "twisted", value=value, particles=32, steps=6, seed=2)
-
-
-@pytest.fixture
-def guarded_annealed_loop(monkeypatch):
-    """Run annealed_smc's step loop (the body of its progress-bar block) under the guard."""
-    progress = samplers._progress
-
-    @contextlib.contextmanager
-    def guarded(*args, **kwargs):
-        with progress(*args, **kwargs) as bar, no_host_reads():
-            yield bar
-
-    monkeypatch.setattr(samplers, "_progress", guarded)
 
 
 @pytest.mark.parametrize("criterion", ["cess", "ess"])

@@ -7,12 +7,11 @@ resampling of the M ancestors is perturbed.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
-from test_no_sync import HostRead, no_host_reads
+from conftest import HostRead
 from test_samplers import (
     F64,
     MW,
@@ -151,17 +150,9 @@ def test_runs_on_device(device):
     assert "annealed SMC" in res.summary()
 
 
-def test_loop_does_not_read_the_device(monkeypatch):
+def test_loop_does_not_read_the_device(guarded_annealed_loop):
     # As tests/test_no_sync.py: between the "all rows finished?" checks the loop is
     # device-only (resampling M ancestors, gathers, chains and their stacking included).
-    progress = samplers._progress
-
-    @contextlib.contextmanager
-    def guarded(*args, **kwargs):
-        with progress(*args, **kwargs) as bar, no_host_reads():
-            yield bar
-
-    monkeypatch.setattr(samplers, "_progress", guarded)
     res = annealed_smc(MW, 128, 3, waste_free=True, chain_length=4, max_steps=10,
                        check_every=10, target_ess=0.3, generator=gen(13))
     assert res.log_z.shape == (3,)
