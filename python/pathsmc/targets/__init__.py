@@ -1,9 +1,12 @@
-"""Ground-truth benchmark targets with exact densities, scores and normalizing constants.
+"""Benchmark targets with exact densities and scores and exact (or documented reference) log Z.
 
 - :mod:`~pathsmc.targets.gaussian_mixture`: mixtures with exact diffused scores at every t,
   closed-form tilts, products and powers (grid answers);
 - :mod:`~pathsmc.targets.boltzmann`: many-well, funnel, 40-mode mixture (exact log Z);
 - :mod:`~pathsmc.targets.double_well`: a 1-D double well and its tempered path (quadrature);
+- :mod:`~pathsmc.targets.particle_systems`: DW-4 and LJ-13 (Köhler et al. 2020) with an exact
+  Gaussian centre of mass; log Z and observables are documented reference estimates from long
+  annealed-SMC runs (bench/reference_values.py), not exact;
 - :mod:`~pathsmc.targets.sequence`: a Markov token model with exact soft values (DP).
 """
 
@@ -24,6 +27,7 @@ from pathsmc.targets.gaussian_mixture import (
     geometric_product,
     mixture_product,
 )
+from pathsmc.targets.particle_systems import DoubleWell4, LennardJones13, ParticleSystem
 from pathsmc.targets.sequence import MarkovSequence, TwistedSequenceSMC, twisted_smc
 
 __all__ = [
@@ -31,12 +35,15 @@ __all__ = [
     "DiagonalGaussian",
     "DiffusedGaussianMixture",
     "DoubleWell1D",
+    "DoubleWell4",
     "Funnel",
     "GaussianMixture",
     "GaussianMixture40",
     "GridTarget",
+    "LennardJones13",
     "ManyWell",
     "MarkovSequence",
+    "ParticleSystem",
     "TemperedPath1D",
     "Tilt",
     "TwistedSequenceSMC",
