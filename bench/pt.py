@@ -13,7 +13,9 @@ variant: round trips (summed over the C chain columns) per second and per scan, 
 time per scan (median over the repeats), plus the speed-up of the fused ops. A third row,
 "fused, K auto", runs the fused ops with the number of levels chosen from the pilot's barrier
 (a second pilot with ``adapt_levels=True``: ``levels_for_barrier``, the K that maximizes round
-trips per level-scan, about 2Λ + 1).
+trips per level-scan, about 2Λ + 1: best when a scan's cost grows with K), and a fourth,
+"K auto 90 %", the smallest K reaching 90 % of the K → ∞ round-trip rate
+(``level_efficiency=0.9``: best when extra levels are nearly free, as in launch-bound runs).
 
 Targets: the 1-D double well (targets/double_well.py, DoubleWell1D) and ManyWell(dim=8), both
 from the default N(0, I) reference with i.i.d. redraws at level 0.
@@ -110,16 +112,17 @@ def main() -> None:
             target, rounds=args.pilot_rounds, num_levels=args.levels, num_chains=32,
             local_steps=args.local_steps, generator=torch.Generator().manual_seed(0))
         betas, step = pilot.betas[0], pilot.step_size[0]
-        auto = tempering.parallel_tempering(
+        auto, auto90 = (tempering.parallel_tempering(
             target, rounds=args.pilot_rounds, num_levels=args.levels, num_chains=32,
-            local_steps=args.local_steps, adapt_levels=True,
-            generator=torch.Generator().manual_seed(0))
+            local_steps=args.local_steps, adapt_levels=True, level_efficiency=eff,
+            generator=torch.Generator().manual_seed(0)) for eff in (None, 0.9))
         for chains in args.chains:
             row = {"target": name, "dim": target.dim, "chains": chains, "betas": betas.tolist(),
                    "step_size": step.tolist(), "pilot_barrier": float(pilot.last.barrier.mean())}
             runs = (("fused", betas, step, pathsmc.ops),
                     ("pytorch", betas, step, pathsmc.reference),
-                    ("fused_auto", auto.betas[0], auto.step_size[0], pathsmc.ops))
+                    ("fused_auto", auto.betas[0], auto.step_size[0], pathsmc.ops),
+                    ("fused_auto90", auto90.betas[0], auto90.step_size[0], pathsmc.ops))
             for variant, b, h, module in runs:
                 row[variant] = measure(target, b, h, chains, args, module)
                 row[variant]["levels"] = len(b)
@@ -142,11 +145,12 @@ def main() -> None:
              "| target | D | C | barrier Λ | ops | K | round trips | trips/s | trips/scan | "
              "ms/scan | speed-up |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in out["targets"].values():
-        for variant in ("fused", "pytorch", "fused_auto"):
+        for variant in ("fused", "pytorch", "fused_auto", "fused_auto90"):
             r = row[variant]
             sp = f"{row['speedup']:.2f}×" if variant == "fused" else ""
             lam = row["fused"]["reps"][0]["barrier"]
-            name = "fused, K auto" if variant == "fused_auto" else variant
+            name = {"fused_auto": "fused, K auto", "fused_auto90": "fused, K auto 90 %"}.get(
+                variant, variant)
             lines.append(f"| {row['target']} | {row['dim']} | {row['chains']} | {lam:.2f} | "
                          f"{name} | {r['levels']} | {r['round_trips']} | "
                          f"{r['round_trips_per_second']:.1f} | "
