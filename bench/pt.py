@@ -21,6 +21,7 @@ Targets: the 1-D double well (targets/double_well.py, DoubleWell1D) and ManyWell
 from the default N(0, I) reference with i.i.d. redraws at level 0.
 
     .venv/bin/python bench/pt.py [--levels 16] [--chains 32 512] [--scans 1024] [--repeats 3]
+    .venv/bin/python bench/pt.py --device cuda --chains 32 512 8192
 
 Results: bench/results/pt-<cpu>.{json,md}.
 """
@@ -66,7 +67,8 @@ def measure(target, betas, step, chains, args, ops_module) -> dict:
     with tempering_ops(ops_module):
         pt = tempering.ParallelTempering(
             target, None, num_chains=chains, betas=betas, step_size=step,
-            local_steps=args.local_steps, generator=torch.Generator().manual_seed(1))
+            local_steps=args.local_steps, device=args.device,
+            generator=torch.Generator(device=args.device).manual_seed(1))
         pt.run_round(args.warmup, adapt_step=False)
         reps = []
         for _ in range(args.repeats):
@@ -96,12 +98,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pilot-rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     targets = {"double_well_1d": DoubleWell1D(), "many_well_d8": ManyWell(dim=8)}
-    cpu = cpu_name()
+    cpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     out = {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "pathsmc": getattr(pathsmc, "__version__", "?"),
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -110,12 +113,14 @@ def main() -> None:
     for name, target in targets.items():
         pilot = tempering.parallel_tempering(
             target, rounds=args.pilot_rounds, num_levels=args.levels, num_chains=32,
-            local_steps=args.local_steps, generator=torch.Generator().manual_seed(0))
+            local_steps=args.local_steps, device=args.device,
+            generator=torch.Generator(device=args.device).manual_seed(0))
         betas, step = pilot.betas[0], pilot.step_size[0]
         auto, auto90 = (tempering.parallel_tempering(
             target, rounds=args.pilot_rounds, num_levels=args.levels, num_chains=32,
             local_steps=args.local_steps, adapt_levels=True, level_efficiency=eff,
-            generator=torch.Generator().manual_seed(0)) for eff in (None, 0.9))
+            device=args.device, generator=torch.Generator(device=args.device).manual_seed(0))
+            for eff in (None, 0.9))
         for chains in args.chains:
             row = {"target": name, "dim": target.dim, "chains": chains, "betas": betas.tolist(),
                    "step_size": step.tolist(), "pilot_barrier": float(pilot.last.barrier.mean())}

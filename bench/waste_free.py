@@ -53,7 +53,10 @@ def cell(target, ref, args, n: int, seed0: int, **kw) -> dict:
     def once(seed):
         t0 = time.perf_counter()
         r = annealed_smc(target, n, args.rows, reference=ref, target_ess=args.target_ess,
-                         generator=torch.Generator().manual_seed(seed), progress=False, **kw)
+                         generator=torch.Generator(device=args.device).manual_seed(seed),
+                         progress=False, **kw)
+        if args.device != "cpu":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0, r
 
     once(10_000)  # warm-up
@@ -85,14 +88,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (1 keeps OpenMP from stalling on a busy machine)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     target = ManyWell(dim=args.dim)
-    ref = DiagonalGaussian(args.dim, scale=2.0)
-    cpu, load0 = cpu_name(), loadavg()
+    ref = DiagonalGaussian(args.dim, scale=2.0, device=args.device)
+    cpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    load0 = loadavg()
     k = args.mcmc_steps
     rows = []
     for i, n in enumerate(args.particles):

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The GPU verification of one session, in a few device calls: tools/gpu_checks.sh STAGE
+# The GPU verification of one session, in four device calls: tools/gpu_checks.sh STAGE,
+# e.g. the device tool's run with command "OUT=$OUT bash tools/gpu_checks.sh build".
 #
 #   build     build on the GPU host (make build: AUTO compiles the CUDA kernels against its own
 #             torch), print the build info, run the whole test suite on CPU and CUDA
 #   sanitize  compute-sanitizer memcheck and racecheck on the CUDA cases of the op tests
-#   bench     bench/run.py on the GPU (every op vs eager and torch.compile, % of copy
-#             bandwidth), bench/e2e.py (1000-step steering loops, with CUDA-graph replays)
+#   bench-ops      bench/run.py on the GPU (every op vs eager and torch.compile, % of copy
+#                  bandwidth; split it with --only if it outgrows one call)
+#   bench-drivers  bench/e2e.py (1000-step steering loops, with CUDA-graph replays),
+#                  bench/pt.py (round trips per second), bench/waste_free.py (annealed SMC)
 #
 # Each stage fits one device call (10 minutes) and re-runs `make build` (a no-op on a warm
 # machine). Logs and the bench results come back as one tarball per stage under $OUT; unpack
 # it over the checkout (tar xzf .../bench-results.tgz) and commit bench/results/.
 set -uo pipefail
-stage=${1:?usage: tools/gpu_checks.sh build|sanitize|bench}
+stage=${1:?usage: tools/gpu_checks.sh build|sanitize|bench-ops|bench-drivers}
 out=${OUT:-/tmp/pathsmc-gpu}
 mkdir -p "$out" logs
 py=.venv/bin/python
@@ -45,10 +48,14 @@ sanitize)
       $py -m pytest -q -x -p no:cacheprovider -k cuda "${cases[@]}"
   done
   ;;
-bench)
+bench-ops)
   step bench-ops $py bench/run.py --device cuda
+  ;;
+bench-drivers)
   step bench-e2e $py bench/e2e.py --device cuda --particles 4096 --runs 1 --steps 1000 \
     --repeats 3 --modes reward,temper
+  step bench-pt $py bench/pt.py --device cuda --chains 32 512 8192
+  step bench-waste-free $py bench/waste_free.py --device cuda --particles 1024 8192
   ;;
 *)
   echo "unknown stage $stage" >&2
