@@ -397,7 +397,8 @@ class RoundStats:
         rs = self.restarts.double().sum(-1).mean().item()
         acc = self.swap_accept
         ma = self.mala_accept[:, 1:] if self.mala_accept[:, 0].isnan().all() else self.mala_accept
-        return (f"{self.round:>5d} {self.scans:>7d} {self.barrier.mean().item():>7.3f} "
+        return (f"{self.round:>5d} {self.scans:>7d} {self.betas.shape[1]:>4d} "
+                f"{self.barrier.mean().item():>7.3f} "
                 f"{self.barrier_se.mean().item():>6.3f} {self.log_z.mean().item():>10.4f} "
                 f"{self.log_z_se.mean().item():>8.4f} {acc.min().item():>6.3f} "
                 f"{acc.mean().item():>6.3f} {rt:>8.0f} {rs:>8.0f} "
@@ -405,10 +406,10 @@ class RoundStats:
 
     @staticmethod
     def header() -> str:
-        return (f"{'round':>5} {'scans':>7} {'Λ':>7} {'±':>6} {'log Z':>10} {'±':>8} "
+        return (f"{'round':>5} {'scans':>7} {'K':>4} {'Λ':>7} {'±':>6} {'log Z':>10} {'±':>8} "
                 f"{'swap':>6} {'acc':>6} {'trips':>8} {'restart':>8} {'mala':>6} "
                 f"{'acc':>6} {'sec':>7}\n"
-                f"{'':>5} {'':>7} {'':>7} {'':>6} {'':>10} {'':>8} {'min':>6} {'mean':>6} "
+                f"{'':>5} {'':>7} {'':>4} {'':>7} {'':>6} {'':>10} {'':>8} {'min':>6} {'mean':>6} "
                 f"{'':>8} {'':>8} {'min':>6} {'max':>6} {'':>7}")
 
 
