@@ -2,9 +2,11 @@
 
 On a GPU such a read (``.item()``, ``bool(t)``, ``float(t)``, ``.cpu()``, ``.tolist()``) is a
 synchronization that stalls the launch queue and breaks CUDA-graph capture. Without a GPU the
-same mistake is caught here: the loops run with those Tensor methods replaced by ones that
-raise, so a host read anywhere in a loop body — driver, model wrapper or op wrapper — fails the
-test on CPU. (tests/test_cuda.py checks the same on a GPU with torch's sync debug mode.)
+mistake is caught here: the loops run with those Tensor methods replaced by ones that raise, so
+a Python-level host read anywhere in a loop body — driver, model wrapper or op wrapper — fails
+the test on CPU. Synchronizing ATen calls that return new tensors (``torch.nonzero``, boolean
+masks, ``torch.unique``, ``torch.equal``) are not seen here; on a GPU, tests/test_cuda.py and
+the PT/CREPE tests run the loops under torch's sync debug mode, which catches those too.
 The one exception is the ops' argument checks that read values only for CPU tensors (by
 design: on CUDA they are skipped, see pathsmc._validate): reads from those functions of CPU
 tensors are let through.

@@ -552,3 +552,21 @@ def test_steering_model_is_what_steer_runs():
     assert torch.equal(a.particles, b.particles) and torch.equal(a.log_z, b.log_z)
     with pytest.raises(ValueError, match="reward"):
         steering_model(model(MIX1), "reward")
+
+
+def test_exponents_accept_any_real_number():
+    import numpy as np
+
+    from pathsmc.diffusion import model_exponents
+
+    for beta in (np.array([1, 1]), torch.tensor([0.5, 0.5]), [np.float32(0.5)] * 2, (1, 2.5)):
+        assert len(model_exponents(beta, 2)) == 2
+    assert model_exponents(np.float64(0.3), 1) == [0.3]
+    assert model_exponents(None, 3) == [1.0, 1.0, 1.0]
+    for bad, match in ((True, "numbers"), ("x", "numbers"), ([1.0], "2 exponents"),
+                       ([1.0, math.inf], "finite")):
+        with pytest.raises(ValueError, match=match):
+            model_exponents(bad, 2)
+    # a product of one model (= tempering) is allowed, with a NumPy exponent
+    res = steer([model(MIX1)], "product", beta=np.array([0.5]), particles=32, steps=4, seed=0)
+    assert bool(torch.isfinite(res.log_z).all())

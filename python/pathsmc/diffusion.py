@@ -36,6 +36,7 @@ Steering pretrained models (DESIGN.md, "The step weight"):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -383,9 +384,13 @@ class DiffusionModel:
         def diffused(t: float):
             dg = cache.get(t)
             if dg is None:
-                if len(cache) > 4096:
-                    cache.clear()
-                dg = cache[t] = mixture.diffused(schedule, t)
+                dg = mixture.diffused(schedule, t)
+                # Never store (or evict) while a CUDA graph is being recorded: its entries
+                # would hold memory that recording never writes. A captured run's warm-up
+                # fills the cache first (CapturedSMC), and the cache is not bounded: a graph
+                # may read any entry at every replay.
+                if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+                    cache[t] = dg
             return dg
 
         def fn(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -624,14 +629,26 @@ class SteeringModel:
         return self._pack(x_new, ev, states, carry), logw
 
 
+def _is_number(v: Any) -> bool:
+    """A real number: Python, NumPy or a one-element tensor (not a bool, a flag)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool
+    return isinstance(v, numbers.Real)
+
+
 def model_exponents(beta: float | Sequence[float] | None, num_models: int, *,
                     name: str = "beta", error: type[Exception] = ValueError) -> list[float]:
     """One finite exponent per model from a number (one model), a sequence, or None (1 each);
     the parser of :func:`steer`'s, CREPE's and the sampling config's ``beta``."""
     if beta is None:
         return [1.0] * num_models
-    seq = [beta] if isinstance(beta, int | float) else list(beta)
-    if not all(isinstance(b, int | float) and not isinstance(b, bool) for b in seq):
+    try:
+        seq = [beta] if _is_number(beta) else list(beta)
+    except TypeError:
+        seq = [beta]
+    if not all(_is_number(b) for b in seq):
         raise error(f"{name}: expected numbers, got {beta!r}")
     betas = [float(b) for b in seq]
     if len(betas) != num_models:
@@ -673,9 +690,6 @@ def check_steering(
         raise error(f"{name('mode')}: expected one of {MODES}, got {mode!r}")
     if mode in ("reward", "temper", "twisted") and n != 1:
         raise error(f"{name('model')}: mode {mode!r} takes one model, got {n}")
-    if mode == "product" and n < 2:
-        raise error(f"{name('model')}: mode 'product' needs two or more models (one model: "
-                    "use mode 'temper')")
     if weighting not in WEIGHTINGS:
         raise error(f"{name('weighting')}: expected one of {WEIGHTINGS}, got {weighting!r}")
     # exponents
@@ -685,7 +699,7 @@ def check_steering(
                         "'product')")
         betas = [1.0]
     elif mode == "temper":
-        if isinstance(beta, bool) or not isinstance(beta, int | float):
+        if not _is_number(beta):
             raise error(f"{name('beta')}: mode 'temper' needs the exponent β (a number), "
                         f"got {beta!r}")
         betas = model_exponents(beta, 1, name=name("beta"), error=error)
@@ -835,7 +849,9 @@ def steer(
         progress: show a progress bar (default: when stderr is a terminal).
         cuda_graph: capture the whole run in one CUDA graph and replay it
             (:class:`pathsmc.smc.CapturedSMC`; CUDA only, no progress bar). Models, rewards
-            and values must then be free of host reads (``.item()``, ``bool(tensor)``).
+            and values must then be free of host reads (``.item()``, ``bool(tensor)``). One
+            captured run is not faster than an eager one; for repeated runs keep a
+            ``CapturedSMC(steering_model(...), ...)`` and replay it.
 
     Returns:
         :class:`pathsmc.smc.SMCResult`: ``particles`` ``(B, N, D)``, ``logw``, ``log_z``

@@ -352,6 +352,8 @@ def load_config(path: str | Path) -> JobConfig:
     steer["potential_every"] = _int(st, "potential_every", "steer.", 1)
     steer["guidance"] = _float(st, "guidance", "steer.", None)
     steer["weighting"] = _choice(st, "weighting", "steer.", ("path", "density"), "path")
+    if mode == "product" and len(models) < 2:  # one model is mode "temper": likely a mistake
+        raise ConfigError("model: mode 'product' needs two or more models ([[model]] tables)")
     beta = st.get("beta")
     keys = {"model": "model", "mode": "steer.mode"}
     betas, _ = check_steering(

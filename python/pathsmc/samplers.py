@@ -55,8 +55,9 @@ log Ẑ, so with uniform weights before every step the CESS equals the ESS. A st
 M·(P − 1) = N·(P − 1)/P target evaluations, about one MALA sweep of the population, where the
 standard variant spends N·``mcmc_steps``. Dau & Chopin report the performance insensitive to P
 over a wide range as long as M is not too small; the default P is the largest divisor of N that
-is at most ``min(64, N // 64)`` (M ≥ 64 from N = 128 on, P = 2 below; P ≤ 64 also bounds the
-P − 1 sequential moves per step, each over only B·M particles, which matters on GPUs). The
+is at most ``min(64, N // 64)``, else its smallest divisor above 1 (M ≥ 64 for N ≥ 128 with
+such a divisor, P = 2 below; P ≤ 64 also bounds the P − 1 sequential moves per step, each over
+only B·M particles, which matters on GPUs). The
 tempering criterion counts the N correlated chain states as N particles (as ``particles``
 does), and the step size adapts after every move of the chains as in the standard variant
 (its dependence on the population is an O(1/M) bias of the same kind as above).
@@ -445,11 +446,13 @@ def _chain_length(n: int, chain_length: int | None, waste_free: bool) -> int:
             raise ValueError("chain_length: only used with waste_free=True")
         return 1
     if chain_length is None:
+        # The largest divisor up to the cap (M = N/P >= 64 ancestors), else the smallest one.
         cap = min(64, max(2, n // 64))
-        chain_length = next((q for q in range(cap, 1, -1) if n % q == 0), None)
+        chain_length = next((q for q in range(cap, 1, -1) if n % q == 0), None) or next(
+            (q for q in range(2, n) if n % q == 0), None)
         if chain_length is None:
-            raise ValueError(f"chain_length: particles = {n} has no divisor in [2, {cap}] "
-                             "for the default; pass chain_length (a divisor of N, >= 2)")
+            raise ValueError(f"chain_length: particles = {n} has no divisor P with "
+                             "2 <= P < N for the default; pass chain_length or another N")
     p = int(chain_length)
     if p < 2 or n % p:
         raise ValueError(f"chain_length: expected a divisor P >= 2 of particles = {n}, "

@@ -145,9 +145,10 @@ def smc(
         ops: the module providing ``normalize`` and ``adaptive_resample`` (default
             :mod:`pathsmc.ops`; :mod:`pathsmc.reference` runs the loop in pure PyTorch).
         cuda_graph: capture the whole run (init and every step) in one CUDA graph and replay
-            it (see :class:`CapturedSMC`, which also replays it again for fresh runs): removes
-            the per-kernel launch cost, which dominates small populations. CUDA only; the
-            model must not synchronize with the host; no progress bar.
+            it once (:class:`CapturedSMC`). A single captured run is not faster than an eager
+            one (the capture runs the model twice); it checks that the model can be captured.
+            For throughput keep a :class:`CapturedSMC` and call its ``run()`` repeatedly. CUDA
+            only; no progress bar.
     """
     if cuda_graph:
         return CapturedSMC(model, particles, batch, threshold=threshold, scheme=scheme,
@@ -202,49 +203,69 @@ def _result(states: list[torch.Tensor], logw: torch.Tensor, ess_hist: torch.Tens
 
 class CapturedSMC:
     """A whole SMC run — ``model.init`` and every step with its resampling — captured once in
-    a CUDA graph; :meth:`run` replays it. Each replay is a fresh, independent run (the Philox
-    offsets advance on the device) at the cost of the kernels alone: no Python, no launches.
+    a CUDA graph; :meth:`run` replays it. Each replay is a fresh, independent run (at replay
+    the graph reads the generator's current seed and Philox offset, and advances the offset)
+    at the cost of the kernels alone: no Python and no per-kernel launches, which is what
+    limits small populations. A one-off capture costs about two eager runs (a warm-up run,
+    then the recording), so it pays off from the second or third replay.
 
-    The capture warms up on a side stream first (``warmup_steps`` steps, which also settles
-    lazy initialization such as cuBLAS handles), then records one run without executing it.
-    Requirements: CUDA tensors; a model that never reads device values on the host
-    (``.item()``, ``bool(tensor)``, ``.cpu()``) and allocates the same shapes every run;
-    ``generator`` a CUDA generator (or None: the default one). The graph keeps its memory
-    pool (about one eager run's peak) until this object is deleted.
+    The warm-up is a complete eager run on a side stream, so everything the model creates
+    lazily (cuBLAS workspaces, caches of per-time constants, compiled functions) exists
+    before the recording starts, for every step. Then one run is recorded without executing.
 
-    Args: as :func:`smc`; ``warmup_steps`` eager steps before capturing.
+    Requirements on the model (as for any CUDA graph):
+
+    - its tensors on one CUDA device (the generator's, else the current one);
+    - no host reads of device values (``.item()``, ``bool(tensor)``, ``.cpu()``, a Python
+      ``if`` on a tensor) and no host-to-device copies (``torch.tensor(..., device="cuda")``)
+      in ``init`` / ``step``;
+    - the same shapes every run, and no Python-side randomness or counters: the recorded
+      kernels and their arguments are replayed as they were;
+    - every tensor the model read while being recorded (weights, cached constants) kept alive
+      and unchanged while this object is used.
+
+    ``generator`` must be a CUDA generator (or None: the device's default one). The graph keeps
+    its memory pool (about one eager run's peak) until this object is deleted.
+
+    Args: as :func:`smc`.
     """
 
     def __init__(self, model: FeynmanKacModel, particles: int, batch: int = 1, *,
                  threshold: float = 0.5, scheme: str = "systematic",
-                 generator: torch.Generator | None = None, ops=None,
-                 warmup_steps: int = 2) -> None:
+                 generator: torch.Generator | None = None, ops=None) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("cuda_graph: CUDA graphs need a GPU (none is available)")
         if generator is not None and generator.device.type != "cuda":
             raise ValueError(f"generator: a captured run needs a CUDA generator, got one on "
                              f"{generator.device}")
         self.steps = _check_run_args(model, particles, batch)
-        args = (model, particles, batch)
-        rest = (threshold, scheme, generator, fused_ops if ops is None else ops)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            _, logw, _, _ = _run(*args, min(max(int(warmup_steps), 1), self.steps), *rest)
-        if logw.device.type != "cuda":
-            raise ValueError(f"cuda_graph: the model's tensors are on {logw.device}, not CUDA")
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        if generator is not None:
-            self.graph.register_generator_state(generator)
-        try:
-            with torch.cuda.graph(self.graph):
-                self._out = _run(*args, self.steps, *rest)
-        except RuntimeError as err:
-            raise RuntimeError(
-                "cuda_graph: capturing the SMC run failed; the usual cause is a host sync in "
-                "model.init / model.step (.item(), bool(tensor), .cpu(), a Python if on a "
-                f"device value) or a CPU tensor in the loop. Original error: {err}") from err
+        self.device = (generator.device if generator is not None
+                       else torch.device("cuda", torch.cuda.current_device()))
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        args = (model, particles, batch, self.steps, threshold, scheme, generator,
+                fused_ops if ops is None else ops)
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                _, logw, _, _ = _run(*args)  # the warm-up: one complete eager run
+            torch.cuda.current_stream().wait_stream(side)
+            if logw.device != self.device:
+                raise ValueError(f"cuda_graph: the model's tensors are on {logw.device}, not "
+                                 f"on {self.device} (the generator's or the current device)")
+            self.graph = torch.cuda.CUDAGraph()
+            if generator is not None:
+                self.graph.register_generator_state(generator)
+            try:
+                with torch.cuda.graph(self.graph):
+                    self._out = _run(*args)
+            except RuntimeError as err:
+                raise RuntimeError(
+                    "cuda_graph: capturing the SMC run failed; the usual cause is a host sync "
+                    "in model.init / model.step (.item(), bool(tensor), .cpu(), a Python if on "
+                    "a device value, a host-to-device copy). Original error: " + str(err)
+                ) from err
 
     def run(self) -> SMCResult:
         """Replay the captured run; returns its result (copies, safe across replays)."""

@@ -248,7 +248,7 @@ def round_trip_rate(barrier: float, num_levels: int) -> float:
 
 
 def levels_for_barrier(barrier: float, *, efficiency: float | None = None,
-                       max_levels: int = 1024) -> int:
+                       max_levels: int = 256) -> int:
     """The number of levels K for a path whose global communication barrier is Λ.
 
     ``efficiency=None`` (default): the K that maximizes round trips per level-scan,
@@ -264,6 +264,8 @@ def levels_for_barrier(barrier: float, *, efficiency: float | None = None,
         raise ValueError(f"barrier: expected a finite Λ >= 0, got {barrier}")
     if efficiency is not None and not 0.0 < efficiency < 1.0:
         raise ValueError(f"efficiency: expected a fraction in (0, 1), got {efficiency}")
+    if max_levels < 2:
+        raise ValueError(f"max_levels: expected >= 2, got {max_levels}")
     limit = 1.0 / (2.0 + 2.0 * lam)
     best, best_score = int(max_levels), 0.0  # (max_levels when no K can swap at all)
     for k in range(2, int(max_levels) + 1):
@@ -637,7 +639,7 @@ class ParallelTempering:
             x0 = init.to(device=self.device, dtype=dtype)
             x0 = torch.broadcast_to(x0, (k, self.B, self.C, self.dim))
         self.x = x0.contiguous()
-        self.lt, self.gt = self._eval_target(self.x)
+        self.lt, self.gt = _eval(self.target, self.x)
         self.lr, self.gr = _eval(reference, self.x)
         self.phase = torch.zeros(k, self.B * self.C, dtype=torch.int8, device=self.device)
 
@@ -674,9 +676,6 @@ class ParallelTempering:
         return s.to(device=self.device, dtype=self.dtype).reshape(*lead, self.B, self.C,
                                                                   self.dim)
 
-    def _eval_target(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _eval(self.target, x)
-
     # ---- one scan ----
 
     def _local_moves(self, acc_sum: torch.Tensor, adapt: bool) -> None:
@@ -697,7 +696,7 @@ class ParallelTempering:
         self.target_evals += self.local_steps
         if lo:
             x0 = self._ref_sample((1,))
-            lt0, gt0 = self._eval_target(x0)
+            lt0, gt0 = _eval(self.target, x0)
             lr0, gr0 = _eval(self.reference, x0)
             x, lt, lr = torch.cat([x0, x]), torch.cat([lt0, lt]), torch.cat([lr0, lr])
             gt, gr = torch.cat([gt0, gt]), torch.cat([gr0, gr])
@@ -861,14 +860,21 @@ class ParallelTempering:
 
         ``adapt_levels`` also chooses the number of levels K from each round's barrier
         estimate Λ̂ (the largest over problems), by :func:`levels_for_barrier` with
-        ``level_efficiency`` and ``max_levels``; K changes only when the choice differs from
-        the current K by more than 10 % (Λ̂ of short early rounds is noisy). It needs
-        ``adapt_schedule``.
+        ``level_efficiency`` and ``max_levels``. K changes only when the choice differs from
+        the current K by more than 10 % (Λ̂ of short early rounds is noisy), and never after
+        the second-to-last round, so the final (frozen) round starts from chains that had an
+        adaptive round at their levels. With few levels Λ̂ is biased low (each pair's
+        rejection is at most 1, so Λ̂ <= K − 1): K can grow about twofold per round, and
+        a run from a small K needs a few rounds to settle. It needs ``adapt_schedule``.
         """
         if rounds < 1:
             raise ValueError(f"rounds: expected >= 1, got {rounds}")
         if adapt_levels and not adapt_schedule:
             raise ValueError("adapt_levels: needs adapt_schedule=True")
+        if level_efficiency is not None:
+            if not adapt_levels:
+                raise ValueError("level_efficiency: only used with adapt_levels=True")
+            levels_for_barrier(0.0, efficiency=level_efficiency)  # validates it
         if max_levels < 2:
             raise ValueError(f"max_levels: expected >= 2, got {max_levels}")
         out, schedules = [], []
@@ -883,7 +889,7 @@ class ParallelTempering:
                 print(st.line(), flush=True)
             if adapt_schedule and not final:
                 k_new = None
-                if adapt_levels:
+                if adapt_levels and r < rounds - 2:
                     k_new = levels_for_barrier(float(st.barrier.max()),
                                                efficiency=level_efficiency,
                                                max_levels=max_levels)

@@ -127,7 +127,6 @@ class ParticleSystem(BoltzmannTarget):
             self.reference = {k: _NAN for k in self._REFERENCE_OBSERVABLES}
         self.log_z = self.log_z_internal + self.log_z_com
         iu = torch.triu_indices(n, n, offset=1)
-        self._pairs = (iu[0], iu[1])
         # Incidence matrix of the pairs i < j: (M x)_p = x_i − x_j.
         m = torch.zeros(iu.shape[1], n, dtype=torch.float64)
         m[torch.arange(iu.shape[1]), iu[0]] = 1.0
@@ -161,8 +160,7 @@ class ParticleSystem(BoltzmannTarget):
     def pairwise_distances(self, x: torch.Tensor) -> torch.Tensor:
         """``d_ij`` for the ``n(n−1)/2`` pairs ``i < j`` (row-major), ``(..., n(n−1)/2)``."""
         p = self.positions(x)
-        i, j = self._pairs[0].to(x.device), self._pairs[1].to(x.device)
-        return (p[..., i, :] - p[..., j, :]).norm(dim=-1)
+        return (self._m(p)[0] @ p).norm(dim=-1)  # rows of M: x_i − x_j (cached per device)
 
     # ---- energy ----
 
