@@ -350,3 +350,18 @@ def test_load_config_defaults() -> None:
     assert cfg.models[0].prediction == "eps" and cfg.schedule["kind"] == "vp"
     assert sample_module.chunk_seed(0, 1) != sample_module.chunk_seed(0, 0)
     assert sample_module.chunk_seed(5, 2) == sample_module.chunk_seed(5, 2)
+
+
+def test_samplers_table(capsys, restore_threads):
+    from pathsmc.cli import main
+
+    assert main(["samplers", "--particles", "256", "--rows", "8", "--no-pt"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["target", "method", "log"]
+    rows = [line for line in out[1:] if "SMC" in line]
+    assert len(rows) == 10  # 5 targets × (annealed SMC, waste-free SMC)
+    for line in rows:
+        if line.startswith(("many-well d=8", "40-mode")):  # easy targets: no visible bias
+            assert abs(float(line.split()[-3])) < 5, line
+    with pytest.raises(SystemExit):
+        main(["samplers", "--rows", "1"])
