@@ -26,11 +26,15 @@ inline at::PhiloxCudaState philox_state(const std::optional<at::Generator>& gen)
   return g->philox_cuda_state(4);
 }
 
+// Every op uses one Philox counter per subsequence and reserves 4 offsets (philox_state), the
+// convention of ATen's and curand's kernels, whose counter is offset / 4: using offset / 4 too
+// keeps pathsmc's draws disjoint from torch.rand/randn on the same generator (with the raw
+// offset as counter, a later torch.randn at offset 4·O would replay this op's draws).
 __device__ __forceinline__ void unpack_philox(const at::PhiloxCudaState& s, uint64_t& seed,
                                               uint64_t& offset) {
   const auto t = at::cuda::philox::unpack(s);
   seed = std::get<0>(t);
-  offset = std::get<1>(t);
+  offset = std::get<1>(t) / 4;
 }
 
 inline unsigned int grid_for(int64_t work, int threads = kThreads) {

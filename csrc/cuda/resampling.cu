@@ -8,9 +8,12 @@
 //   5. ancestors: each output position binary-searches the cumulative weights (balanced even
 //      when one particle takes every offspring); residual first writes its floor(M w) copies
 //      with a per-row block scan.
-// The cumulative weight of particle j is prefix[chunk(j)] + local_scan[j]; because a chunk's
-// total is its own last scanned value, it is nondecreasing across chunk boundaries, so dead
-// particles (w = 0) are never picked.
+// The cumulative weight of particle j is prefix[chunk(j)] + local_scan[j]. Dead particles
+// (w = 0) must never be picked, so their cumulative weight must equal their predecessor's
+// exactly: a block sum-scan does not guarantee that (a thread's sequential sums and the
+// tree-reduced prefixes of its neighbours round differently), so the sum-scan is followed by an
+// exact max-scan over the live items (dead items repeat the last live value), and a chunk's
+// total is its own last value, which keeps the weights monotone across chunk boundaries too.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -42,6 +45,10 @@ struct RowState {
 };
 
 __device__ __forceinline__ double clean(double v) { return isnan(v) ? -INFINITY : v; }
+
+struct MaxOp {
+  __device__ __forceinline__ double operator()(double a, double b) const { return fmax(a, b); }
+};
 
 template <typename weight_t>
 __global__ void __launch_bounds__(kThreads) chunk_max_kernel(const weight_t* __restrict__ lw,
@@ -89,16 +96,22 @@ __global__ void __launch_bounds__(kThreads) chunk_scan_kernel(
     const double m = rs.max[b];
     const int64_t j0 = c * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
     double w[kItems];
+    bool live[kItems];
     double sq = 0.0;
     int64_t last = -1;
 #pragma unroll
     for (int q = 0; q < kItems; ++q) {
       const int64_t j = j0 + q;
       w[q] = (j < N && m != -INFINITY) ? exp_nonpos(static_cast<double>(lw[b * N + j]) - m) : 0.0;
+      live[q] = w[q] > 0;
       sq += w[q] * w[q];
-      last = w[q] > 0 ? j : last;
+      last = live[q] ? j : last;
     }
     Scan(tmp.scan).InclusiveSum(w, w);
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < kItems; ++q) w[q] = live[q] ? w[q] : 0.0;
+    Scan(tmp.scan).InclusiveScan(w, w, MaxOp());  // exact: dead items repeat the last live value
     __syncthreads();
 #pragma unroll
     for (int q = 0; q < kItems; ++q)
@@ -190,7 +203,11 @@ __global__ void __launch_bounds__(kThreads) residual_copies_kernel(
       ScanI(tmp.scan_i).ExclusiveSum(n, start, tile_n);
       __syncthreads();
       double r = mw - fl, rcum, tile_r;
-      Scan(tmp.scan).InclusiveSum(r, rcum, tile_r);
+      Scan(tmp.scan).InclusiveSum(r, rcum);
+      __syncthreads();
+      // Exact max-scan over the items with a remainder (see the file comment): the others
+      // repeat the last value, so they are never picked.
+      Scan(tmp.scan).InclusiveScan(r > 0 ? rcum : 0.0, rcum, MaxOp(), tile_r);
       const int64_t base = carry_n;
       const double rbase = carry_r;
       if (j < N) {

@@ -4,7 +4,12 @@ Shapes (DESIGN.md): states ``x`` are ``(B, N, D)``, also accepted as ``(N, D)`` 
 ``(B, N, *event)`` (flattened to D, a view for contiguous input); log-weights are ``(B, N)``
 or ``(N,)``. Outputs come back in the caller's shapes. Every op draws its randomness with an
 in-kernel counter-based Philox stream seeded from ``generator`` (the default generator of
-the device when None) and also accepts explicit noise / uniforms.
+the device when None) and also accepts explicit noise / uniforms. The same seed repeats a run
+on a device, and results do not depend on the thread count; but a CPU generator (mt19937) has
+no Philox offset, so the CPU kernels key their stream with a 64-bit draw from it while CUDA
+uses the generator's (seed, offset) (graph-safe): CPU and CUDA noise for the same seed are
+equally distributed, not identical. Pass the noise / uniforms explicitly for identical results
+across devices.
 
 NaN log-weights are dead particles (weight 0). A row whose weights are all dead has ESS 0 and
 log mean weight -inf; it is never resampled.
