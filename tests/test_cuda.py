@@ -218,7 +218,8 @@ def test_steer_and_annealed_smc_loops_do_not_sync(monkeypatch):
             return self.bar.__exit__(*exc)
 
     model = DiffusionModel.from_mixture(default_2d().to("cuda"), VPSchedule())
-    steer(model, "temper", beta=0.5, particles=256, batch=2, steps=5, device="cuda", seed=0)
+    # warm-up: the model caches its per-time constants (built with cuSOLVER) for these times
+    steer(model, "temper", beta=0.5, particles=256, batch=2, steps=10, device="cuda", seed=0)
     monkeypatch.setattr(smc_module, "_run", strict)
     for kw in ({"mode": "temper", "beta": 0.5},
                {"mode": "reward", "reward": lambda x: x[..., 0].double(), "guidance": 1.0}):
