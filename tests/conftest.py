@@ -48,6 +48,17 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small problems: fastest on a loaded two-core
+    machine, and results do not depend on it. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tol(*dtypes: torch.dtype) -> dict:
     """rtol/atol for a result whose accuracy is limited by the coarsest of ``dtypes``."""
     rtol = max(_TOL[d][0] for d in dtypes)

@@ -26,13 +26,7 @@ EXAMPLES = ROOT / "examples"
 K_SE = 4.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: one intra-op thread (results do not depend on it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small problems (conftest)
 
 
 def example_config(name: str = "steer_reward.toml") -> dict:

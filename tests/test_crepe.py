@@ -58,13 +58,7 @@ PATH_ALLOWANCE = {"mean": 0.02, "var": 0.06, "p_pos": 0.006}
 NO_ALLOWANCE = {"mean": 0.0, "var": 0.0, "p_pos": 0.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest on a loaded two-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small problems (conftest)
 
 
 def model(mix: GaussianMixture, scores_only: bool = False) -> DiffusionModel:

@@ -20,13 +20,7 @@ F64 = torch.float64
 K = 4.0  # standard errors allowed against the stored reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: one intra-op thread is fastest on a loaded two-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small problems (conftest)
 
 
 def gen(seed: int) -> torch.Generator:
