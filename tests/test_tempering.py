@@ -407,9 +407,11 @@ def test_report_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "barrier.png"
     res = parallel_tempering(WELLS[0], REFERENCE, rounds=4, num_levels=6, num_chains=8,
-                             report=True, plot=str(png), generator=gen(2))
-    out = capsys.readouterr().out
+                             report=True, plot=str(png), progress=True, generator=gen(2))
+    cap = capsys.readouterr()
+    out = cap.out
     assert "round" in out and "log Z" in out and len(out.splitlines()) == 2 + 4 + 1
+    assert "parallel tempering" in cap.err and "/15" in cap.err  # 1 + 2 + 4 + 8 scans
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "parallel tempering: 1 problem(s) × 6 levels × 8 chains" in res.summary()
     st = res.last

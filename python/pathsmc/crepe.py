@@ -157,6 +157,7 @@ import numpy as np
 import torch
 
 from pathsmc.diffusion import DiffusionModel, ReverseEM, model_exponents
+from pathsmc.smc import _progress
 from pathsmc.tempering import optimal_schedule
 
 __all__ = ["CREPE", "CREPEResult", "crepe", "default_times", "path_swap_log_ratio"]
@@ -735,8 +736,9 @@ class CREPE:
         return 1.0 - rb
 
     def run(self, rounds: int, *, burn_in: int = 0, adapt_times: int = 0,
-            record_all: bool = False) -> CREPEResult:
-        """Run ``burn_in`` rounds, then ``rounds`` recorded rounds.
+            record_all: bool = False, progress: bool | None = None) -> CREPEResult:
+        """Run ``burn_in`` rounds, then ``rounds`` recorded rounds (a tqdm bar on stderr over
+        all of them with ``progress``; default: when stderr is a terminal).
 
         With ``adapt_times = n > 0`` the burn-in is split into n + 1 equal phases and after
         each of the first n the level times move to equalize the phase's swap rejection rates
@@ -752,23 +754,26 @@ class CREPE:
         t0 = time.perf_counter()
         schedules: list[list[float]] = []
         phases = adapt_times + 1 if burn_in else 0
-        for p in range(phases):
-            n = burn_in * (p + 1) // phases - burn_in * p // phases
+        with _progress(burn_in + rounds, progress, "crepe") as bar:
+            for p in range(phases):
+                n = burn_in * (p + 1) // phases - burn_in * p // phases
+                acc = self._new_accumulators()
+                schedules.append(list(self.times))
+                for _ in range(n):
+                    self.round(acc)
+                    bar.update(1)
+                if p < adapt_times:
+                    new, _ = optimal_schedule(np.asarray(self.times), self._rb_rejection(acc))
+                    self.set_times(new.tolist())
             acc = self._new_accumulators()
             schedules.append(list(self.times))
-            for _ in range(n):
+            samples, every = [], []
+            for _ in range(rounds):
                 self.round(acc)
-            if p < adapt_times:
-                new, _ = optimal_schedule(np.asarray(self.times), self._rb_rejection(acc))
-                self.set_times(new.tolist())
-        acc = self._new_accumulators()
-        schedules.append(list(self.times))
-        samples, every = [], []
-        for _ in range(rounds):
-            self.round(acc)
-            samples.append(self.x[0].clone())
-            if record_all:
-                every.append(self.x.clone())
+                samples.append(self.x[0].clone())
+                if record_all:
+                    every.append(self.x.clone())
+                bar.update(1)
         return self._result(acc, rounds, burn_in, samples, every, schedules,
                             time.perf_counter() - t0)
 
@@ -809,6 +814,7 @@ def crepe(
     adapt_times: int = 0,
     record_all: bool = False,
     seed: int | None = None,
+    progress: bool | None = None,
     **kwargs: Any,
 ) -> CREPEResult:
     """Run CREPE: build a :class:`CREPE` sampler and :meth:`~CREPE.run` it.
@@ -817,11 +823,12 @@ def crepe(
     ``times``, ``max_step``, ``substeps``, ``num_chains``, ``num_problems``, ``swap``,
     ``exact_top``, ``init``, ``dtype``, ``device``, ``generator``, ``ops``); ``seed`` creates
     ``generator`` on ``device`` when that is not given; ``rounds``, ``burn_in``,
-    ``adapt_times`` and ``record_all`` go to :meth:`CREPE.run`. Returns the
+    ``adapt_times``, ``record_all`` and ``progress`` go to :meth:`CREPE.run`. Returns the
     :class:`CREPEResult` of the recorded rounds.
     """
     if kwargs.get("generator") is None and seed is not None:
         device = torch.device(kwargs.get("device", "cpu"))
         kwargs["generator"] = torch.Generator(device=device).manual_seed(int(seed))
     sampler = CREPE(model, **kwargs)
-    return sampler.run(rounds, burn_in=burn_in, adapt_times=adapt_times, record_all=record_all)
+    return sampler.run(rounds, burn_in=burn_in, adapt_times=adapt_times, record_all=record_all,
+                       progress=progress)

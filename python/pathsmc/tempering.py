@@ -88,6 +88,7 @@ import torch
 
 from pathsmc import ops
 from pathsmc.samplers import _eval, adapt_log_step, mala_step
+from pathsmc.smc import _progress
 
 __all__ = [
     "MonotoneCubic",
@@ -740,11 +741,13 @@ class ParallelTempering:
     # ---- rounds ----
 
     def run_round(self, scans: int | None = None, *, adapt_step: bool = True,
-                  record: bool = False) -> RoundStats:
+                  record: bool = False, tick: Callable[[int], object] | None = None
+                  ) -> RoundStats:
         """Run one round of ``scans`` scans (default ``2^round``) with the current schedule.
 
-        Nothing is read from the device until the round ends. Returns its
-        :class:`RoundStats` (the schedule is not changed here: see :meth:`adapt_schedule`).
+        Nothing is read from the device until the round ends (``tick(1)``, e.g. a progress
+        bar's ``update``, is called after every scan). Returns its :class:`RoundStats` (the
+        schedule is not changed here: see :meth:`adapt_schedule`).
         """
         scans = 2 ** self.round_count if scans is None else int(scans)
         if scans < 1:
@@ -757,6 +760,8 @@ class ParallelTempering:
             energy.append(-self.lt.mean(-1))
             if record:
                 samples.append(self.x.clone())
+            if tick is not None:
+                tick(1)
         stats = self._round_stats(acc, scans, adapt_step, energy, samples)
         stats.seconds = time.perf_counter() - t0
         self.round_count += 1
@@ -853,10 +858,11 @@ class ParallelTempering:
     def run(self, rounds: int, *, adapt_schedule: bool = True, adapt_step: bool = True,
             adapt_levels: bool = False, level_efficiency: float | None = None,
             max_levels: int = 256, record: bool = False, report: bool = False,
-            plot: str | None = None) -> PTResult:
+            plot: str | None = None, progress: bool | None = None) -> PTResult:
         """``rounds`` rounds of 1, 2, 4, ... scans; adapt between rounds; the last round runs
         frozen (and is recorded when ``record``). ``report`` prints a line per round;
-        ``plot`` writes the barrier/schedule PNG of the last round to that path.
+        ``plot`` writes the barrier/schedule PNG of the last round to that path; ``progress``
+        shows a tqdm bar over the scans on stderr (default: when stderr is a terminal).
 
         ``adapt_levels`` also chooses the number of levels K from each round's barrier
         estimate Λ̂ (the largest over problems), by :func:`levels_for_barrier` with
@@ -880,10 +886,13 @@ class ParallelTempering:
         out, schedules = [], []
         if report:
             print(RoundStats.header())
+        total = sum(2 ** (self.round_count + r) for r in range(rounds))
+        bar = _progress(total, progress, "parallel tempering")
         for r in range(rounds):
             final = r == rounds - 1
             schedules.append(self.betas_host.clone())
-            st = self.run_round(adapt_step=adapt_step and not final, record=record and final)
+            st = self.run_round(adapt_step=adapt_step and not final, record=record and final,
+                                tick=bar.update)
             out.append(st)
             if report:
                 print(st.line(), flush=True)
@@ -896,6 +905,7 @@ class ParallelTempering:
                     if abs(k_new - self.K) <= 0.1 * self.K:
                         k_new = None
                 self.adapt_schedule(st, k_new)
+        bar.close()
         res = PTResult(out, self.x, out[-1].betas, out[-1].step_size, self.ref_log_z,
                        self.target_evals, schedules)
         if report:
@@ -953,6 +963,7 @@ def parallel_tempering(
     record: bool = False,
     report: bool = False,
     plot: str | None = None,
+    progress: bool | None = None,
     **kwargs,
 ) -> PTResult:
     """Run non-reversible PT with schedule adaptation: ``rounds`` rounds of 1, 2, 4, ... scans.
@@ -965,4 +976,5 @@ def parallel_tempering(
     pt = ParallelTempering(target, reference, **kwargs)
     return pt.run(rounds, adapt_schedule=adapt_schedule, adapt_step=adapt_step,
                   adapt_levels=adapt_levels, level_efficiency=level_efficiency,
-                  max_levels=max_levels, record=record, report=report, plot=plot)
+                  max_levels=max_levels, record=record, report=report, plot=plot,
+                  progress=progress)
