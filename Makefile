@@ -8,8 +8,10 @@ DEPS   := $(VENV)/.stamp-deps
 BUILT  := $(VENV)/.stamp-build
 SRCS   := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 PIP    := $(VPY) -m pip install --disable-pip-version-check -q
-# Packages the build and the tests need; only installed when not importable (GPU hosts are offline).
-NEEDED := scikit_build_core pybind11 ninja pytest numpy matplotlib tqdm ruff
+# Packages the build and the tests need, and optional ones (plots, lint); only the missing ones
+# are installed (GPU hosts are offline: a missing optional package only warns there).
+NEEDED   := scikit_build_core pybind11 ninja pytest numpy tqdm
+OPTIONAL := matplotlib ruff
 
 CUDA_VENV := .venv-cuda
 CUDA_VPY  := $(CUDA_VENV)/bin/python
@@ -49,7 +51,13 @@ $(DEPS):
 	@for m in $(NEEDED); do $(VPY) -c "import $$m" 2>/dev/null || missing="$$missing $$m"; done; \
 	 if [ -n "$$missing" ]; then \
 	   echo "make: installing$$missing"; \
-	   $(PIP) scikit-build-core pybind11 ninja pytest numpy matplotlib tqdm ruff; \
+	   $(PIP) $$(echo $$missing | sed 's/scikit_build_core/scikit-build-core/') || { \
+	     echo "make: cannot install$$missing (offline? carry wheels and pip install them)"; \
+	     exit 1; }; \
+	 fi
+	@for m in $(OPTIONAL); do $(VPY) -c "import $$m" 2>/dev/null || opt="$$opt $$m"; done; \
+	 if [ -n "$$opt" ]; then \
+	   $(PIP) $$opt || echo "make: optional$$opt not installed (no plots / no lint)"; \
 	 fi
 	@$(VPY) -c "import cmake" 2>/dev/null || cmake --version | grep -q "version [4-9]" || $(PIP) "cmake>=4"
 	@touch $@

@@ -11,7 +11,10 @@
 #                  bench/pt.py (round trips per second), bench/waste_free.py (annealed SMC)
 #
 # Each stage fits one device call (10 minutes) and re-runs `make build` (a no-op on a warm
-# machine). Logs and the bench results come back as one tarball per stage under $OUT; unpack
+# machine). The GPU hosts are offline: the venv reuses their Python's torch and packages; if
+# one the build or the tests need is missing there (make says which), download its wheel
+# here into an ignored folder (pip download -d wheels NAME), carry that folder and
+# `pip install --no-index --find-links wheels NAME` on the host before the stage. Logs and the bench results come back as one tarball per stage under $OUT; unpack
 # it over the checkout (tar xzf .../bench-results.tgz) and commit bench/results/.
 set -uo pipefail
 stage=${1:?usage: tools/gpu_checks.sh build|sanitize|bench-ops|bench-drivers}
