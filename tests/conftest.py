@@ -148,3 +148,38 @@ def guarded_annealed_loop(monkeypatch):
             yield bar
 
     monkeypatch.setattr(samplers, "_progress", guarded)
+
+
+# ---- fault injection for the MALA acceptance (samplers, tempering, waste-free tests) ----
+
+
+def mala_hastings(x, x_prop, grad, grad_prop, step) -> torch.Tensor:
+    """log q(x|x') − log q(x'|x) of the MALA proposal ``N(x + h∇, 2h I)``, ``(rows, C)``."""
+    h = torch.as_tensor(step, dtype=torch.float64).reshape(-1, 1, 1)
+    fwd = ((x_prop - x - h * grad).double() ** 2).sum(-1)
+    bwd = ((x - x_prop - h * grad_prop).double() ** 2).sum(-1)
+    return (fwd - bwd) / (4 * h[..., 0])
+
+
+def perturbed_mala_accept(kind: str):
+    """``pathsmc.ops.mala_accept`` with its log acceptance ratio perturbed through
+    ``logp_prop`` (the returned log-density stays the true one): ``"hastings_sign"`` flips the
+    Hastings term, ``"hastings_coef"`` halves it, ``"density_coef"`` scales the target ratio
+    by 0.8. Install with ``monkeypatch.setattr(pathsmc.ops, "mala_accept", ...)``."""
+    orig = pathsmc.ops.mala_accept
+
+    def wrapped(x, x_prop, logp, logp_prop, grad, grad_prop, step, uniforms=None,
+                generator=None):
+        if kind == "hastings_sign":
+            off = -2.0 * mala_hastings(x, x_prop, grad, grad_prop, step)
+        elif kind == "hastings_coef":
+            off = -0.5 * mala_hastings(x, x_prop, grad, grad_prop, step)
+        elif kind == "density_coef":
+            off = -0.2 * (logp_prop - logp)
+        else:
+            raise ValueError(f"unknown perturbation {kind!r}")
+        xo, _, go, acc = orig(x, x_prop, logp, logp_prop + off, grad, grad_prop, step,
+                              uniforms, generator)
+        return xo, torch.where(acc, logp_prop, logp), go, acc
+
+    return wrapped

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from conftest import perturbed_mala_accept
 
 import pathsmc.samplers as samplers
 from pathsmc import ops
@@ -259,29 +260,6 @@ def test_runs_on_device(device):
 # ---- the checks fail when the algorithm is perturbed ----
 
 
-def _hastings(x, x_prop, grad, grad_prop, step):
-    """log q(x|x') − log q(x'|x) of the MALA proposal, ``(B, N)``."""
-    h = torch.as_tensor(step, dtype=F64).reshape(-1, 1, 1)
-    fwd = ((x_prop - x - h * grad).double() ** 2).sum(-1)
-    bwd = ((x - x_prop - h * grad_prop).double() ** 2).sum(-1)
-    return (fwd - bwd) / (4 * h[..., 0])
-
-
-def _perturbed_mala(kind: str):
-    """``ops.mala_accept`` with its log acceptance ratio perturbed (via ``logp_prop``)."""
-    orig = ops.mala_accept
-
-    def wrapped(x, x_prop, logp, logp_prop, grad, grad_prop, step, uniforms=None,
-                generator=None):
-        if kind == "hastings_sign":
-            off = -2.0 * _hastings(x, x_prop, grad, grad_prop, step)
-        else:  # "density_coef": log π ratio scaled by 0.8
-            off = -0.2 * (logp_prop - logp)
-        xo, _, go, acc = orig(x, x_prop, logp, logp_prop + off, grad, grad_prop, step,
-                              uniforms, generator)
-        return xo, torch.where(acc, logp_prop, logp), go, acc
-
-    return wrapped
 
 
 def _perturbed_weight(kind: str):
@@ -298,7 +276,7 @@ def test_checks_fail_when_perturbed(kind, monkeypatch):
     if where == "weight":
         monkeypatch.setattr(samplers, "incremental_log_weight", _perturbed_weight(what))
     else:
-        monkeypatch.setattr(ops, "mala_accept", _perturbed_mala(what))
+        monkeypatch.setattr(ops, "mala_accept", perturbed_mala_accept(what))
     res = run_many_well(n=512, b=16, seed=10)
     assert check_many_well(res, MW) != []
 

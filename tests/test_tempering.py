@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import perturbed_mala_accept, requires_cuda
 
 import pathsmc.tempering as tempering
 from pathsmc import ops
@@ -342,32 +342,6 @@ def test_round_trip_accounting_when_every_swap_is_accepted():
 # ---- the checks fail when the algorithm is perturbed ----------------------------------------
 
 
-def _hastings(x, x_prop, grad, grad_prop, step):
-    """log q(x|x') − log q(x'|x) of the MALA proposal, ``(R, C)``."""
-    h = torch.as_tensor(step, dtype=F64).reshape(-1, 1, 1)
-    fwd = ((x_prop - x - h * grad).double() ** 2).sum(-1)
-    bwd = ((x - x_prop - h * grad_prop).double() ** 2).sum(-1)
-    return (fwd - bwd) / (4 * h[..., 0])
-
-
-def _perturbed_mala(kind: str):
-    """``ops.mala_accept`` with its log acceptance ratio perturbed (through ``logp_prop``;
-    the returned log-density stays the true one)."""
-    orig = ops.mala_accept
-
-    def wrapped(x, x_prop, logp, logp_prop, grad, grad_prop, step, uniforms=None,
-                generator=None):
-        if kind == "hastings_sign":
-            off = -2.0 * _hastings(x, x_prop, grad, grad_prop, step)
-        elif kind == "hastings_coef":
-            off = -0.5 * _hastings(x, x_prop, grad, grad_prop, step)
-        else:  # "density_coef": log π ratio scaled by 0.8
-            off = -0.2 * (logp_prop - logp)
-        xo, _, go, acc = orig(x, x_prop, logp, logp_prop + off, grad, grad_prop, step,
-                              uniforms, generator)
-        return xo, torch.where(acc, logp_prop, logp), go, acc
-
-    return wrapped
 
 
 def _perturbed_swap(kind: str):
@@ -391,7 +365,7 @@ def test_checks_fail_when_perturbed(kind, monkeypatch):
     if where == "swap":
         monkeypatch.setattr(tempering, "swap_log_ratio", _perturbed_swap(what))
     else:
-        monkeypatch.setattr(ops, "mala_accept", _perturbed_mala(what))
+        monkeypatch.setattr(ops, "mala_accept", perturbed_mala_accept(what))
     assert level_failures(run_pt(**PERTURBED_RUN)) != []
 
 

@@ -11,12 +11,11 @@ import math
 
 import pytest
 import torch
-from conftest import HostRead
+from conftest import HostRead, perturbed_mala_accept
 from test_samplers import (
     F64,
     MW,
     K,
-    _perturbed_mala,
     _perturbed_weight,
     check_log_z,
     check_many_well,
@@ -176,7 +175,7 @@ def test_checks_fail_when_perturbed(kind, monkeypatch):
     if where == "weight":
         monkeypatch.setattr(samplers, "incremental_log_weight", _perturbed_weight(what))
     elif where == "mala":
-        monkeypatch.setattr(ops, "mala_accept", _perturbed_mala(what))
+        monkeypatch.setattr(ops, "mala_accept", perturbed_mala_accept(what))
     else:
         monkeypatch.setattr(ops, "resample", _flat_resample)
     assert check_many_well(run_wf(seed=10), MW) != []
