@@ -183,3 +183,17 @@ def perturbed_mala_accept(kind: str):
         return xo, torch.where(acc, logp_prop, logp), go, acc
 
     return wrapped
+
+
+def faulty_ops(**override):
+    """An ``ops`` module (for the drivers' ``ops=``) whose ``em_step`` rewrites some keyword
+    arguments, e.g. ``faulty_ops(fwd_coef=lambda c: -c)``: a wrong step weight."""
+    from types import SimpleNamespace
+
+    def em_step(*args, **kwargs):
+        for key, fn in override.items():
+            kwargs[key] = fn(kwargs[key])
+        return pathsmc.ops.em_step(*args, **kwargs)
+
+    return SimpleNamespace(em_step=em_step, normalize=pathsmc.ops.normalize,
+                           adaptive_resample=pathsmc.ops.adaptive_resample)

@@ -10,10 +10,10 @@ answers, and the command end to end (table rows, one PNG per mode).
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import faulty_ops
 
 import pathsmc.ops as ops
 import pathsmc.reference as reference
@@ -101,16 +101,6 @@ def test_reproducible_under_seed(problem) -> None:
     assert torch.equal(a.particles, b.particles) and torch.equal(a.log_z, b.log_z)
 
 
-def _faulty(**override) -> SimpleNamespace:
-    """pathsmc.ops with em_step's keyword arguments rewritten (a wrong step weight)."""
-
-    def em_step(*args, **kwargs):
-        for key, fn in override.items():
-            kwargs[key] = fn(kwargs[key])
-        return ops.em_step(*args, **kwargs)
-
-    return SimpleNamespace(em_step=em_step, normalize=ops.normalize,
-                           adaptive_resample=ops.adaptive_resample)
 
 
 @pytest.mark.parametrize("twist", ["value", "tweedie"])
@@ -125,7 +115,7 @@ def test_wrong_weights_are_detected(problem, fault, twist: str) -> None:
     """The same check as above rejects an SMC whose step weight is wrong."""
     mixture, theta, log_z, mean = problem
     res = run_tilted_smc(mixture, theta, particles=512, steps=40, runs=RUNS, seed=11,
-                         ops=_faulty(**fault), twist=twist)
+                         ops=faulty_ops(**fault), twist=twist)
     z_lz, _ = z_scores(res, log_z, mean)
     assert abs(z_lz) > 20, (res.log_z, log_z)
 

@@ -26,14 +26,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import pytest
 import torch
+from conftest import faulty_ops
 
 import pathsmc.diffusion as diffusion
-import pathsmc.ops as ops
 from pathsmc.diffusion import DiffusionModel, VESchedule, VPSchedule, convert_prediction, steer
 from pathsmc.smc import SMCResult
 from pathsmc.targets import GaussianMixture, default_2d, geometric_product, mixture_product
@@ -327,16 +326,6 @@ def test_on_device(device: str) -> None:
 # ---- the same checks fail with a wrong weight ----
 
 
-def faulty_ops(**override) -> SimpleNamespace:
-    """An ``ops`` module whose ``em_step`` rewrites some keyword arguments."""
-
-    def em_step(*args, **kwargs):
-        for key, fn in override.items():
-            kwargs[key] = fn(kwargs[key])
-        return ops.em_step(*args, **kwargs)
-
-    return SimpleNamespace(em_step=em_step, normalize=ops.normalize,
-                           adaptive_resample=ops.adaptive_resample)
 
 
 def _first_coef_one(coefs):
