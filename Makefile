@@ -68,13 +68,16 @@ $(BUILT): $(DEPS) $(SRCS)
 
 # CUDA variant on a machine without a GPU: build against the CUDA torch wheel on disk, import
 # it, and check that every op has a CUDA kernel registered (CI runs this after `make test`).
+# The venv takes about 4.6 GB: torch and its CUDA libraries, without triton.
 cuda-build: $(CUDA_VENV)/.stamp-build
 	$(CUDA_VPY) tools/check_cuda_build.py
 
 $(CUDA_VENV)/.stamp-deps:
 	@test -x $(CUDA_VPY) || $(PYTHON) -m venv $(CUDA_VENV)
-	@$(CUDA_VPY) -c "import torch; assert torch.version.cuda" 2>/dev/null || \
-	  $(CUDA_VPY) -m pip install --disable-pip-version-check -q torch==2.14.1
+	@$(CUDA_VPY) -c "import torch; assert torch.version.cuda" 2>/dev/null || { \
+	  $(CUDA_VPY) -m pip install --disable-pip-version-check -q --no-deps torch==2.14.1 && \
+	  $(CUDA_VPY) tools/cuda_torch_requirements.py > $(CUDA_VENV)/torch-requirements.txt && \
+	  $(CUDA_VPY) -m pip install --disable-pip-version-check -q -r $(CUDA_VENV)/torch-requirements.txt; }
 	@$(CUDA_VPY) -c "import scikit_build_core, pybind11, ninja, cmake, numpy" 2>/dev/null || \
 	  $(CUDA_VPY) -m pip install --disable-pip-version-check -q scikit-build-core pybind11 ninja "cmake>=4" numpy
 	@touch $@
