@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from machine import cpu_name, slug  # bench/machine.py (scripts run from bench/)
+from machine import (  # bench/machine.py (scripts run from bench/)
+    RESULTS,
+    device_name,
+    slug,
+    write_results,
+)
 
 import pathsmc
 import pathsmc.ops
@@ -33,12 +37,6 @@ import pathsmc.reference
 from pathsmc.demo import run_steering_case, steering_cases
 from pathsmc.diffusion import steering_model
 from pathsmc.smc import CapturedSMC
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def compiled_reference() -> SimpleNamespace:
@@ -128,9 +126,6 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "particles": args.particles, "runs": args.runs, "steps": args.steps,
             "repeats": args.repeats, "load_average": list(_loadavg())}
-    RESULTS.mkdir(exist_ok=True)
-    stem = "e2e-" + slug(name)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     cols = list(variants) + (["graph"] if graph else [])
     lines = [f"# End-to-end steering loop: {name}", "",
              f"- torch {meta['torch']}, {meta['date']}, B={args.runs} rows × N={args.particles} "
@@ -148,8 +143,8 @@ def main() -> None:
         lines.append(f"| {r['mode']} | {r['variant']} | "
                      + " | ".join(f"{t[c]:.3f}" for c in cols) + " | "
                      + " | ".join(f"{t[c] / t['pathsmc']:.2f}x" for c in cols[1:]) + " |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS / stem}.{{json,md}}")
+    base = write_results(RESULTS, "e2e-" + slug(name), {"meta": meta, "rows": rows}, lines)
+    print(f"wrote {base}.{{json,md}}")
 
 
 def _loadavg():

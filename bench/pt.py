@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -47,9 +46,7 @@ from pathsmc.targets.boltzmann import ManyWell
 from pathsmc.targets.double_well import DoubleWell1D
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name, slug  # noqa: E402  (bench/machine.py)
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from machine import RESULTS, device_name, slug, write_results  # noqa: E402  (bench/machine.py)
 
 
 @contextlib.contextmanager
@@ -104,7 +101,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     targets = {"double_well_1d": DoubleWell1D(), "many_well_d8": ManyWell(dim=8)}
-    cpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    cpu = device_name(args.device)
     out = {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "pathsmc": getattr(pathsmc, "__version__", "?"),
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -161,10 +158,7 @@ def main() -> None:
                          f"{r['round_trips_per_second']:.1f} | "
                          f"{r['round_trips_per_scan']:.4f} | {r['median_ms_per_scan']:.3f} | "
                          f"{sp} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"pt-{slug(cpu)}"
-    base.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, f"pt-{slug(cpu)}", out, lines)
     print("\n".join(lines))
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from machine import cpu_name, slug  # bench/machine.py (scripts run from bench/)
+from machine import device_name, slug  # bench/machine.py (scripts run from bench/)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMES = ("systematic", "stratified", "multinomial", "residual")
@@ -53,12 +53,6 @@ NOISY_CORES = 0.2  # other processes' average CPU use above which a row is flagg
 
 # --------------------------------------------------------------------------------------------
 # machine description
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
 
 
 # --------------------------------------------------------------------------------------------

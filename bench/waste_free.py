@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import statistics
@@ -36,13 +35,16 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name, slug  # bench/machine.py (scripts run from bench/)
+from machine import (  # bench/machine.py (scripts run from bench/)
+    RESULTS,
+    device_name,
+    slug,
+    write_results,
+)
 
 import pathsmc
 from pathsmc.samplers import _chain_length, annealed_smc
 from pathsmc.targets.boltzmann import DiagonalGaussian, ManyWell
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def loadavg() -> list[float]:
@@ -96,7 +98,7 @@ def main() -> None:
 
     target = ManyWell(dim=args.dim)
     ref = DiagonalGaussian(args.dim, scale=2.0, device=args.device)
-    cpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    cpu = device_name(args.device)
     load0 = loadavg()
     k = args.mcmc_steps
     rows = []
@@ -139,10 +141,7 @@ def main() -> None:
                      f"{r['mean_steps']:.1f} | {r['median_seconds']:.3f} | "
                      f"{min(r['seconds']):.3f} | {r['rmse']:.4f} | {r['mean_error']:+.4f} | "
                      f"{r['sd']:.4f} | {r['evals_x_mse']:.3g} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"waste-free-{slug(cpu)}"
-    base.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, f"waste-free-{slug(cpu)}", out, lines)
     print("\n".join(lines))
 
 
