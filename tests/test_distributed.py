@@ -1,0 +1,203 @@
+"""pathsmc.distributed on CPU: 2 and 3 ranks (gloo, spawned processes) against the
+single-process ops on the whole population, and a distributed steering run against an exact
+log Z.
+
+Each world size spawns its ranks once (a module fixture); every rank runs all the checks'
+distributed halves and saves what it got, and the tests compare in this process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pathsmc.ops as ops
+from pathsmc.distributed import DistributedOps
+
+F64 = torch.float64
+B, N_LOCAL, D = 6, 7, 3
+STEER = {"particles": 256, "batch": 16, "steps": 40}
+THETA = [0.8]
+K_SE = 4.5
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
+def global_logw(world: int, dtype=F64) -> torch.Tensor:
+    """The whole population's log-weights ``(B, world·N_LOCAL)`` with the edge cases: a row
+    whose weight sits on rank 0 only, one dead on the last rank, NaN (dead) particles, an
+    all-dead row, a flat row (ESS = N: never resampled at threshold 0.5)."""
+    g = torch.Generator().manual_seed(7)
+    n = world * N_LOCAL
+    lw = (3.0 * torch.randn(B, n, generator=g, dtype=F64)).to(dtype)
+    lw[1, N_LOCAL:] = -math.inf
+    lw[2, -N_LOCAL:] = -math.inf
+    lw[3, ::4] = math.nan
+    lw[4] = -math.inf
+    lw[5] = 0.25
+    return lw
+
+
+def global_states(world: int) -> list[torch.Tensor]:
+    n = world * N_LOCAL
+    index = torch.arange(n).expand(B, n)
+    return [index.double().unsqueeze(-1).expand(B, n, D).contiguous() + 0.5,
+            index % 3 == 0, index.clone()]
+
+
+def local(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t[:, rank * N_LOCAL:(rank + 1) * N_LOCAL]
+
+
+def _worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
+                            world_size=world)
+    from pathsmc import distributed
+    from pathsmc.diffusion import DiffusionModel, VPSchedule, steering_model
+    from pathsmc.targets import GaussianMixture
+
+    out: dict = {}
+    dops = DistributedOps()
+    for name, dtype in (("f64", F64), ("f32", torch.float32)):
+        out[f"normalize_{name}"] = dops.normalize(local(global_logw(world, dtype), rank))
+    gen = torch.Generator().manual_seed(11)
+    states = [local(s, rank).contiguous() for s in global_states(world)]
+    out["resample"] = dops.adaptive_resample(states, local(global_logw(world), rank),
+                                             threshold=0.5, generator=gen)
+    out["resample_all"] = dops.adaptive_resample(states, local(global_logw(world), rank),
+                                                 threshold=1.0, scheme="residual",
+                                                 generator=gen)
+    # Mismatched shapes are refused on every rank before the loop.
+    mix = GaussianMixture(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [1.5]]),
+                          torch.tensor([[0.3], [0.5]]))
+    theta = torch.tensor(THETA, dtype=F64)
+    model = steering_model(DiffusionModel.from_mixture(mix, VPSchedule()), "reward",
+                           reward=lambda x: x.double() @ theta, steps=STEER["steps"])
+    try:
+        distributed.smc(model, 8 + rank, 2, generator=torch.Generator().manual_seed(rank))
+        out["mismatch"] = None
+    except ValueError as err:
+        out["mismatch"] = str(err)
+    gen = torch.Generator().manual_seed(100 + rank)
+    res = distributed.smc(model, STEER["particles"], STEER["batch"], generator=gen)
+    out["smc"] = {"log_z": res.log_z, "ess": res.ess, "resampled": res.resampled,
+                  "weights": res.weights, "particles": res.particles, "rank": res.rank,
+                  "world_size": res.world_size}
+    # The loop (model steps, global normalization, resampling) reads nothing back to the host.
+    from conftest import HostRead, no_host_reads
+
+    from pathsmc.smc import _run
+    try:
+        with no_host_reads():
+            _run(model, 32, 2, STEER["steps"], 0.5, "systematic", gen, dops)
+        out["host_read"] = None
+    except HostRead as err:
+        out["host_read"] = str(err)
+    torch.save(out, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def ranks(request, tmp_path_factory) -> tuple[int, list[dict]]:
+    world = request.param
+    folder = tmp_path_factory.mktemp(f"dist{world}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(world, str(folder)), nprocs=world, join=True)
+    return world, [torch.load(Path(folder) / f"rank{r}.pt", weights_only=False)
+                   for r in range(world)]
+
+
+@pytest.mark.parametrize("dtype", ["f64", "f32"])
+def test_normalize_is_the_global_one(ranks, dtype: str) -> None:
+    world, outs = ranks
+    lw = global_logw(world, F64 if dtype == "f64" else torch.float32)
+    lwn, log_mean, ess = ops.normalize(lw)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == "f64" else {"rtol": 2e-5, "atol": 2e-5}
+    for rank, out in enumerate(outs):
+        got_lwn, got_mean, got_ess = out[f"normalize_{dtype}"]
+        assert got_lwn.dtype == lw.dtype and got_lwn.shape == (B, N_LOCAL)
+        torch.testing.assert_close(got_lwn, local(lwn, rank), equal_nan=True, **tol)
+        torch.testing.assert_close(got_mean, log_mean, **tol)
+        torch.testing.assert_close(got_ess, ess, **tol)
+    assert float(outs[0][f"normalize_{dtype}"][2][4]) == 0.0  # the all-dead row
+
+
+@pytest.mark.parametrize("case", ["resample", "resample_all"])
+def test_adaptive_resample_is_the_global_one(ranks, case: str) -> None:
+    """Rank 0 draws with the same generator as the single-process op here, so the ancestors,
+    the gathered states and the new weights agree exactly."""
+    world, outs = ranks
+    gen = torch.Generator().manual_seed(11)
+    want_states, want_logw, want_anc, want_mask = ops.adaptive_resample(
+        global_states(world), global_logw(world), threshold=0.5, generator=gen)
+    if case == "resample_all":  # the second call: every live row, residual resampling
+        want_states, want_logw, want_anc, want_mask = ops.adaptive_resample(
+            global_states(world), global_logw(world), threshold=1.0, scheme="residual",
+            generator=gen)
+    for rank, out in enumerate(outs):
+        states, logw, anc, mask = out[case]
+        torch.testing.assert_close(anc, local(want_anc, rank), rtol=0, atol=0)
+        torch.testing.assert_close(mask, want_mask, rtol=0, atol=0)
+        torch.testing.assert_close(logw, local(want_logw, rank), rtol=0, atol=0,
+                                   equal_nan=True)
+        for got, want in zip(states, want_states, strict=True):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, local(want, rank), rtol=0, atol=0)
+    # Row 1's weight is on rank 0 only: once resampled, every rank holds rank 0's particles.
+    assert bool(want_mask[1])
+    for out in outs:
+        assert bool((out[case][2][1] < N_LOCAL).all())
+    assert not bool(want_mask[4])  # all-dead rows keep their particles
+
+
+def test_mismatched_shapes_are_refused_on_every_rank(ranks) -> None:
+    _, outs = ranks
+    for out in outs:
+        assert out["mismatch"] is not None and "same (batch, particles" in out["mismatch"]
+
+
+def test_distributed_steering_matches_exact_log_z(ranks) -> None:
+    """Reward tilting of a 1-D mixture (exact log Z in closed form), world·256 particles per
+    row: log Ẑ within K_SE standard errors (estimated over the 16 rows), the same global
+    results on every rank, and weights that sum to 1 over all ranks."""
+    from pathsmc.targets import GaussianMixture
+
+    world, outs = ranks
+    mix = GaussianMixture(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [1.5]]),
+                          torch.tensor([[0.3], [0.5]]))
+    exact = float(mix.linear_tilt(torch.tensor(THETA, dtype=F64)).log_z)
+    res = [o["smc"] for o in outs]
+    for r in res[1:]:
+        for key in ("log_z", "ess", "resampled"):
+            torch.testing.assert_close(r[key], res[0][key], rtol=0, atol=0)
+    assert [r["rank"] for r in res] == list(range(world))
+    total = sum(r["weights"].sum(-1) for r in res)
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=1e-9, atol=1e-9)
+    lz = res[0]["log_z"].double()
+    se = float(lz.std()) / math.sqrt(lz.numel())
+    assert abs(float(lz.mean()) - exact) < K_SE * se + 0.02, (float(lz.mean()), exact, se)
+    # The ESS history is the global one: at most world·N, and resampling happened.
+    assert float(res[0]["ess"].max()) <= world * STEER["particles"] + 1e-6
+    assert bool(res[0]["resampled"].any())
+    # The ranks' particles are independent draws, not copies of each other.
+    assert not torch.equal(res[0]["particles"], res[1]["particles"])
+
+
+def test_loop_does_not_read_the_host(ranks) -> None:
+    _, outs = ranks
+    assert [o["host_read"] for o in outs] == [None] * len(outs)
+
+
+def test_needs_an_initialized_process_group() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        DistributedOps()
