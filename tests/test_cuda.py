@@ -231,3 +231,14 @@ def test_steer_and_annealed_smc_loops_do_not_sync(monkeypatch):
         samplers.annealed_smc(ManyWell(dim=4), 256, batch=2, reference=ref, max_steps=8,
                               check_every=8, waste_free=wf,
                               generator=torch.Generator(device="cuda").manual_seed(0))
+
+
+def test_cuda_limits_and_generator_device_are_clear_errors():
+    x = torch.zeros(2, 8, 3, device="cuda")
+    refs = [torch.zeros_like(x) for _ in range(9)]
+    with pytest.raises(ValueError, match="ref_drifts: at most 8"):
+        pathsmc.em_step(x, x, torch.zeros(2, 8, device="cuda", dtype=torch.float64), dt=0.1,
+                        sigma=1.0, ref_drifts=refs, ref_coefs=[1.0] * 9)
+    with pytest.raises(RuntimeError, match="generator"):
+        pathsmc.resample(torch.zeros(2, 8, device="cuda", dtype=torch.float64),
+                         generator=torch.Generator())  # a CPU generator for CUDA weights

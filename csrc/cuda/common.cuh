@@ -18,10 +18,14 @@ namespace pathsmc::cuda {
 constexpr int kThreads = 256;
 
 // The generator's (seed, offset) as a PhiloxCudaState: inside CUDA-graph capture the offset is
-// read from device memory at replay time, so every replay draws fresh noise.
-inline at::PhiloxCudaState philox_state(const std::optional<at::Generator>& gen) {
+// read from device memory at replay time, so every replay draws fresh noise. The generator must
+// live on the tensors' device (a captured kernel reads its offset from that device's memory).
+inline at::PhiloxCudaState philox_state(const std::optional<at::Generator>& gen,
+                                        const at::Device& device) {
   auto* g = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      gen, at::cuda::detail::getDefaultCUDAGenerator());
+      gen, at::cuda::detail::getDefaultCUDAGenerator(device.index()));
+  TORCH_CHECK(g->device() == device, "generator: expected a generator on ", device,
+              " (the tensors' device), got one on ", g->device());
   std::lock_guard<std::mutex> lock(g->mutex_);
   return g->philox_cuda_state(4);
 }

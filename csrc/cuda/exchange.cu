@@ -91,12 +91,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mala_accept_cuda(
     const at::Tensor& lpp_in, const at::Tensor& g_in, const at::Tensor& gp_in,
     const at::Tensor& step_in, const std::optional<at::Tensor>& uniforms,
     const std::optional<at::Generator>& generator) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
   const MalaInputs in = check_mala(x_in, xp_in, lp_in, lpp_in, g_in, gp_in, step_in, uniforms);
+  const c10::cuda::CUDAGuard guard(x_in.device());  // after the checks: their device messages
   const at::Tensor &x = in.x, &xp = in.x_prop, &g = in.grad, &gp = in.grad_prop, &lp = in.logp,
                    &lpp = in.logp_prop, &step = in.step, &u = in.uniforms;
   const int64_t B = x.size(0), N = x.size(1);
-  const at::PhiloxCudaState rng = u.defined() ? at::PhiloxCudaState() : philox_state(generator);
+  const at::PhiloxCudaState rng =
+      u.defined() ? at::PhiloxCudaState() : philox_state(generator, x.device());
   at::Tensor xo = at::empty_like(x), go = at::empty_like(g), lpo = at::empty_like(lp);
   at::Tensor acc = at::empty(lp.sizes(), lp.options().dtype(at::kBool));
   if (B * N == 0) return {xo, lpo, go, acc};
@@ -138,11 +139,12 @@ __global__ void swap_decide_kernel(const double* __restrict__ log_ratio,
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> replica_swap_cuda(
     at::TensorList states, const at::Tensor& log_ratio_in, int64_t parity,
     const std::optional<at::Tensor>& uniforms, const std::optional<at::Generator>& generator) {
-  const c10::cuda::CUDAGuard guard(log_ratio_in.device());
   const auto [lr, u] = check_replica_swap(log_ratio_in, uniforms);
   const int64_t Km1 = lr.size(0), C = lr.size(1), K = Km1 + 1;
   check_states(states, K, C, log_ratio_in.device(), "replica_swap", "(K, C, ...)");
-  const at::PhiloxCudaState rng = u.defined() ? at::PhiloxCudaState() : philox_state(generator);
+  const c10::cuda::CUDAGuard guard(log_ratio_in.device());
+  const at::PhiloxCudaState rng =
+      u.defined() ? at::PhiloxCudaState() : philox_state(generator, lr.device());
   at::Tensor accepted = at::empty({Km1, C}, log_ratio_in.options().dtype(at::kBool));
   at::Tensor perm = at::empty({K, C}, log_ratio_in.options().dtype(at::kLong));
   if (C > 0) {

@@ -253,8 +253,8 @@ __global__ void search_kernel(const double* __restrict__ cum, const double* __re
       pos = u.get(seed, offset, b, i - det_count[b]);
       scale = 1.0 / rem_total[b];
     } else if (scheme == Scheme::kMultinomial) {
-      pos = static_cast<double>(M) * u.get(seed, offset, b, i);
-      scale = static_cast<double>(M) / rs.total[b];
+      pos = u.get(seed, offset, b, i);  // u < C_j / total, as the CPU kernel compares
+      scale = 1.0 / rs.total[b];
     } else {
       pos = static_cast<double>(i) + u.get(seed, offset, b, i);
       scale = static_cast<double>(M) / rs.total[b];
@@ -298,7 +298,7 @@ at::Tensor ancestors(const at::Tensor& logw, Scheme scheme, int64_t M,
     u_holder = check_resampling_uniforms(*uniforms, scheme, B, M, logw);
     u.data = u_holder.data_ptr<double>();
   } else {
-    u.rng = philox_state(generator);
+    u.rng = philox_state(generator, logw.device());
   }
 
   const dim3 chunk_grid(static_cast<unsigned int>(nc),

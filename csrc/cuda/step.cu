@@ -131,16 +131,17 @@ std::tuple<at::Tensor, at::Tensor> em_step_cuda(
     const std::optional<at::Tensor>& row_sigma) {
   TORCH_CHECK(static_cast<int>(ref_drifts.size()) <= kMaxRefs, "em_step: at most ", kMaxRefs,
               " ref_drifts on CUDA, got ", ref_drifts.size());
-  const c10::cuda::CUDAGuard guard(x_in.device());
   const EmStepInputs in = check_em_step(x_in, drift_in, logw_in, sigma, ref_drifts, ref_coefs,
                                         noise_in, row_dt, row_sigma);
+  const c10::cuda::CUDAGuard guard(x_in.device());  // after the checks: their device messages
   const at::Tensor &x = in.x, &drift = in.drift, &logw = in.logw, &noise = in.noise;
   const std::vector<at::Tensor>& refs = in.refs;
   at::Tensor x_out = at::empty_like(x);
   at::Tensor logw_out = logw.defined() ? at::empty_like(logw)
                                        : at::empty({0}, x.options().dtype(at::kDouble));
   if (x.numel() == 0) return {x_out, logw_out};
-  const at::PhiloxCudaState rng = noise.defined() ? at::PhiloxCudaState() : philox_state(generator);
+  const at::PhiloxCudaState rng =
+      noise.defined() ? at::PhiloxCudaState() : philox_state(generator, x.device());
   double coef_total = fwd_coef;
   for (double c : ref_coefs) coef_total += c;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pathsmc::em_step", [&] {
@@ -229,8 +230,8 @@ void launch_kernel_logpdf(const at::Tensor& y, const at::Tensor& base, const at:
 at::Tensor kernel_logpdf_cuda(const at::Tensor& y_in, const at::Tensor& base_in,
                               const std::optional<at::Tensor>& drift_in, double dt, double sigma,
                               const at::Tensor& logw_in, double coef, double linear) {
-  const c10::cuda::CUDAGuard guard(y_in.device());
   const KernelLogpdfInputs in = check_kernel_logpdf(y_in, base_in, drift_in, dt, sigma, logw_in);
+  const c10::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor &y = in.y, &base = in.base, &drift = in.drift, &logw = in.logw;
   at::Tensor out = at::empty_like(logw);
   if (logw.numel() == 0) return out;

@@ -44,6 +44,7 @@ __all__ = [
     "replica_swap",
 ]
 
+_CUDA_MAX_REFS = 8  # kMaxRefs in csrc/cuda/step.cu: the drift pointers go by value
 _ops = torch.ops.pathsmc
 
 
@@ -107,12 +108,15 @@ def em_step(
         dt: step size h > 0 (time runs backwards: the step goes from t to t - h); a float or
             a per-row tensor ``(B,)`` (e.g. MALA step sizes adapted per problem).
         sigma: diffusion coefficient σ (> 0 when weights are tracked); a float or ``(B,)``.
-        ref_drifts: reference/model drifts, each shaped like ``x``.
+        ref_drifts: reference/model drifts, each shaped like ``x`` (at most 8 on CUDA).
         ref_coefs: one coefficient per reference drift.
         fwd_coef: coefficient of the linear forward kernel.
         fwd_linear: λ of the forward drift f(y) = λ y.
         noise: explicit standard normals shaped like ``x`` (else drawn in-kernel).
         generator: torch.Generator seeding the in-kernel Philox stream.
+
+    A +inf log-weight is an error on CPU; on CUDA it is not checked (that would cost a host
+    sync) and comes back +inf, which :func:`normalize` then reports as log Ẑ = +inf.
     """
     check_tensor(x, "x", dtypes=state_dtypes(x))
     x3 = states_to_bnd(x, "x")
@@ -125,6 +129,9 @@ def em_step(
     if len(refs) != len(coefs):
         raise ValueError(f"ref_coefs: expected {len(refs)} coefficients (one per ref_drifts "
                          f"tensor), got {len(coefs)}")
+    if x.device.type == "cuda" and len(refs) > _CUDA_MAX_REFS:
+        raise ValueError(f"ref_drifts: at most {_CUDA_MAX_REFS} reference drifts on CUDA, got "
+                         f"{len(refs)} (sum drifts that share a coefficient first)")
     refs = [_like_states(r, f"ref_drifts[{i}]", x, x.shape) for i, r in enumerate(refs)]
     lw = None
     if logw is not None:
@@ -216,6 +223,9 @@ def resample(
     multinomial ``u_bi`` (``(B, M)``); residual keeps ``floor(M w_j)`` copies of each j and
     draws the rest multinomially from the remainders using the first uniforms of each row.
     Systematic and stratified are O(N + M). Dead rows return ``arange(M) % N``.
+    With in-kernel uniforms, multinomial draws (and residual's remainder draws) come out
+    sorted on CPU (drawn as sorted positions) and in draw order on CUDA: the same law, a
+    different order; with explicit ``uniforms`` both keep the uniforms' order.
     """
     check_tensor(logw, "logw", dtypes=FLOAT_DTYPES)
     n = logw_to_bn(logw).shape[1]
