@@ -19,11 +19,12 @@ Nothing is read back to the host inside the loop (collectives work on device ten
 loop keeps the single-process driver's no-sync property. Collectives are issued in the same
 order on every rank; every rank must run the same number of steps with the same B and N_local.
 
-:func:`smc` is :func:`pathsmc.smc.smc` over a process group. Use the NCCL backend for CUDA
-tensors (one GPU per rank) and gloo for CPU tensors. Each rank passes its own generator (seeded
-differently, e.g. ``seed + rank``): the ranks' particles must be independent. Launch with
-``torchrun --nproc-per-node G your_script.py``, or see :func:`main` (``python -m
-pathsmc.distributed``) for a worked example with an exact answer.
+:func:`smc` is :func:`pathsmc.smc.smc` over a process group, :func:`annealed_smc` is
+:func:`pathsmc.samplers.annealed_smc` over one (adaptive tempering on the global population).
+Use the NCCL backend for CUDA tensors (one GPU per rank) and gloo for CPU tensors. Each rank
+passes its own generator (seeded differently, e.g. ``seed + rank``): the ranks' particles must
+be independent. Launch with ``torchrun --nproc-per-node G your_script.py``, or see
+:func:`main` (``python -m pathsmc.distributed``) for a worked example with an exact answer.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ import torch
 import torch.distributed as dist
 
 from pathsmc import ops as fused_ops
+from pathsmc.samplers import AnnealedSMCResult
 from pathsmc.smc import FeynmanKacModel, SMCResult, _check_run_args, _dead_rows, _progress, _run
 
-__all__ = ["DistributedOps", "DistributedSMCResult", "main", "smc"]
+__all__ = ["DistributedOps", "DistributedSMCResult", "annealed_smc", "main", "smc"]
 
 
 class DistributedOps:
@@ -113,6 +115,22 @@ class DistributedOps:
         log_mean_all = lse_all - math.log(n_local * self.world_size)
         dt = logw.dtype
         return lwn_global.to(dt), log_mean_all.to(dt), ess_all.to(dt)
+
+    def next_temperature(self, beta: torch.Tensor, log_target: torch.Tensor,
+                         log_ref: torch.Tensor, logw: torch.Tensor | None = None,
+                         **kwargs) -> torch.Tensor:
+        """:func:`pathsmc.samplers.next_temperature` on the global population: rank 0
+        bisects on the gathered ``log γ``, ``log ref`` and log-weights and broadcasts β', so
+        every rank takes the same step (arguments as there)."""
+        from pathsmc.samplers import next_temperature
+
+        full = [self._gather_rows(t) for t in (log_target, log_ref)]
+        full_logw = None if logw is None else self._gather_rows(logw)
+        if self.rank == 0:
+            new_beta = next_temperature(beta, *full, full_logw, **kwargs).contiguous()
+        else:
+            new_beta = torch.empty_like(beta)
+        return self._broadcast(new_beta)
 
     def log_z(self, logw: torch.Tensor) -> torch.Tensor:
         """``log Ẑ = logsumexp(logw) − log N`` per row over the global population ``(B,)``."""
@@ -221,6 +239,39 @@ def smc(
     return DistributedSMCResult(states, logw, log_z, ess, res, _dead_rows(ess),
                                 rank=dops.rank, world_size=dops.world_size,
                                 global_log_norm=log_z + math.log(n))
+
+
+def annealed_smc(target, particles: int, batch: int = 1, *,
+                 group: dist.ProcessGroup | None = None, generator: torch.Generator | None = None,
+                 progress: bool | None = None, **kwargs) -> AnnealedSMCResult:
+    """:func:`pathsmc.samplers.annealed_smc` with the population split across the ranks of
+    ``group``: ``particles`` per row on this rank, ``world_size · particles`` in all.
+
+    The tempering step is chosen on the global population (rank 0 bisects and broadcasts β'),
+    resampling is global, log Ẑ and the ESS history are global (the same on every rank); the
+    MALA moves are local, and each rank adapts its step size from its own acceptance rates
+    (the ``step_size`` and ``accept`` histories are this rank's). Keyword arguments are
+    annealed_smc's; the waste-free variant is not distributed. Call on every rank with the
+    same arguments except ``generator`` (seed each rank differently).
+    """
+    from pathsmc.samplers import annealed_smc as _annealed_smc
+
+    if kwargs.get("waste_free"):
+        raise ValueError("waste_free: the waste-free variant is not distributed; run "
+                         "pathsmc.samplers.annealed_smc on each rank instead")
+    if "ops" in kwargs:
+        raise ValueError("ops: set by pathsmc.distributed.annealed_smc (a DistributedOps)")
+    dops = DistributedOps(group)
+    shapes = [None] * dops.world_size
+    dist.all_gather_object(shapes, (int(batch), int(particles), kwargs.get("max_steps")),
+                           group=group)
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"pathsmc.distributed.annealed_smc: every rank must use the same "
+                         f"(batch, particles, max_steps); got {shapes}")
+    res = _annealed_smc(target, particles, batch, generator=generator, ops=dops,
+                        progress=progress if dops.rank == 0 else False, **kwargs)
+    res.population = particles * dops.world_size
+    return res
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pathsmc import ops
+from pathsmc import ops as _fused_ops
 from pathsmc.smc import _dead_rows, _progress
 from pathsmc.targets.boltzmann import DiagonalGaussian
 
@@ -188,6 +189,8 @@ class AnnealedSMCResult:
             waste-free: N at the start plus M·(P − 1) per step, ``1 + T·(P − 1)/P``. Compare
             the variants at equal ``N·target_evals``.
         dead_rows: ``{row: first step at which all its particles were dead}``.
+        population: the global N of a distributed run (:func:`pathsmc.distributed.annealed_smc`;
+            ``particles`` and ``logw`` are then this rank's), else None.
     """
 
     particles: torch.Tensor
@@ -202,11 +205,17 @@ class AnnealedSMCResult:
     forced: torch.Tensor
     target_evals: float
     dead_rows: dict[int, int] = field(default_factory=dict)
+    population: int | None = None
 
     @property
     def weights(self) -> torch.Tensor:
-        """Normalized weights ``(B, N)`` of the final particles."""
-        return ops.normalize(self.logw)[0].exp()
+        """Normalized weights ``(B, N)`` of the final particles (over all ranks' particles
+        when :attr:`population`, the global N of a distributed run, is set)."""
+        if self.population is None:
+            return ops.normalize(self.logw)[0].exp()
+        lw = torch.nan_to_num(self.logw.double(), nan=-math.inf)
+        norm = (self.log_z.double() + math.log(self.population)).unsqueeze(-1)
+        return torch.where(torch.isneginf(norm), 0.0, (lw - norm).exp())
 
     def schedule(self, row: int = 0) -> torch.Tensor:
         """The β schedule of one row, from 0 up to its first β = 1, on the CPU."""
@@ -280,6 +289,7 @@ def annealed_smc(
     generator: torch.Generator | None = None,
     progress: bool | None = None,
     desc: str = "annealed smc",
+    ops=None,
 ) -> AnnealedSMCResult:
     """Adaptive annealed SMC from ``reference`` to ``target``; log Ẑ per row.
 
@@ -321,7 +331,16 @@ def annealed_smc(
         generator: seeds the reference draws, the MALA noise and uniforms and the resampling.
         progress: a tqdm bar on stderr (default: when stderr is a terminal).
         desc: the bar's label.
+        ops: the population ops: ``normalize``, ``adaptive_resample`` and ``resample``
+            (default :mod:`pathsmc.ops`); an object that also has ``next_temperature`` and
+            ``log_z`` replaces those steps too, as
+            :class:`pathsmc.distributed.DistributedOps` does to run the population across
+            ranks (:func:`pathsmc.distributed.annealed_smc`). The MALA moves always use the
+            fused ops on the local particles.
     """
+    ops = _fused_ops if ops is None else ops
+    choose_beta = getattr(ops, "next_temperature", next_temperature)
+    population_log_z = getattr(ops, "log_z", _log_z)
     if particles < 1 or batch < 1:
         raise ValueError(f"particles and batch must be >= 1, got {particles} and {batch}")
     if criterion not in _CRITERIA:
@@ -385,9 +404,8 @@ def annealed_smc(
             if schedule is not None:
                 new_beta = schedule[k + 1]
             else:
-                new_beta = next_temperature(beta, lt, lr, logw, target_ess=target_ess,
-                                            criterion=criterion,
-                                            iterations=bisection_iterations)
+                new_beta = choose_beta(beta, lt, lr, logw, target_ess=target_ess,
+                                       criterion=criterion, iterations=bisection_iterations)
             if k == max_steps - 1:
                 forced = new_beta < 1.0
                 new_beta = torch.ones_like(beta)
@@ -400,7 +418,7 @@ def annealed_smc(
             if waste_free:
                 anc = ops.resample(logw, scheme, num_samples=n // p, generator=generator)
                 x, lt, lr, gt = (_take(s, anc) for s in (x, lt, lr, gt))
-                logw = _log_z(logw).unsqueeze(-1).expand(b, n).contiguous()
+                logw = population_log_z(logw).unsqueeze(-1).expand(b, n).contiguous()
                 res_h[k] = True
             else:
                 (x, lt, lr, gt), logw, _, res_h[k] = ops.adaptive_resample(
@@ -427,7 +445,7 @@ def annealed_smc(
     acc_h, step_h = acc_h[:steps], step_h[:steps]
     reached = betas >= 1.0
     num_steps = torch.where(reached.any(0), reached.double().argmax(0), steps)
-    log_z = _log_z(logw)
+    log_z = population_log_z(logw)
     forced_cpu = forced.cpu()
     if bool(forced_cpu.any()):
         warnings.warn(f"annealed_smc: {int(forced_cpu.sum())} of {b} rows had not reached "
