@@ -36,6 +36,66 @@ struct StepArgs {
   const double* row_sigma;
 };
 
+// Float64 sums of one row's squared residuals: proposal, forward kernel, each reference.
+struct StepSums {
+  double prop = 0.0, fwd = 0.0, ref[kMaxRefs] = {};
+};
+
+// One thread's share of a row: Philox blocks g = g_first, g_first + stride, ... < g_end (each
+// block's elements outside the row are skipped); writes x' and adds to the sums.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void step_elements(const StepArgs<scalar_t>& a, int64_t row,
+                                              int64_t g_first, int64_t g_end, int64_t stride,
+                                              const RowStep& st, bool weighted, uint64_t seed,
+                                              uint64_t offset, StepSums& ss) {
+  constexpr int kPer = NormalBlock<acc_t>::kPerCall;
+  const acc_t h = static_cast<acc_t>(st.h), s = static_cast<acc_t>(st.s);
+  const acc_t h_over_s = static_cast<acc_t>(weighted ? st.h / st.s : 0.0);
+  const acc_t lam = static_cast<acc_t>(a.fwd_linear);
+  const bool fwd = a.fwd_coef != 0.0;
+  const int64_t e0 = row * a.D, e1 = e0 + a.D;
+  for (int64_t g = g_first; g < g_end; g += stride) {
+    acc_t z[kPer];
+    if (a.noise == nullptr) NormalBlock<acc_t>::draw(seed, offset, static_cast<uint64_t>(g), z);
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int64_t e = g * kPer + q;
+      if (e < e0 || e >= e1) continue;
+      const acc_t eps = a.noise ? static_cast<acc_t>(a.noise[e]) : z[q];
+      const acc_t dr = static_cast<acc_t>(a.drift[e]);
+      const scalar_t xn = static_cast<scalar_t>(static_cast<acc_t>(a.x[e]) + dr * h + s * eps);
+      a.x_out[e] = xn;
+      if (!weighted) continue;
+      ss.prop += static_cast<double>(eps) * eps;
+#pragma unroll
+      for (int k = 0; k < kMaxRefs; ++k) {
+        if (k >= a.K) break;
+        const acc_t zr = ref_residual<acc_t>(dr, static_cast<acc_t>(a.refs[k][e]), h_over_s, eps);
+        ss.ref[k] += static_cast<double>(zr) * zr;
+      }
+      if (fwd) {
+        const acc_t zf = fwd_residual<acc_t>(dr, static_cast<acc_t>(xn), lam, h_over_s, eps);
+        ss.fwd += static_cast<double>(zf) * zf;
+      }
+    }
+  }
+}
+
+// The log-weight increment of a row from its complete sums (the formula of DESIGN.md).
+template <typename scalar_t>
+__device__ __forceinline__ double step_delta(const StepArgs<scalar_t>& a, const RowStep& st,
+                                             const StepSums& ss) {
+  double delta = 0.5 * ss.prop - 0.5 * a.fwd_coef * ss.fwd +
+                 gaussian_log_norm(a.D, st.s) * (a.coef_total - 1.0);
+#pragma unroll
+  for (int k = 0; k < kMaxRefs; ++k) {
+    if (k >= a.K) break;
+    delta -= 0.5 * a.coefs[k] * ss.ref[k];
+  }
+  return delta;
+}
+
+// Rows of G lanes each (G = 1, 4 or 32): the path for many rows.
 template <typename scalar_t, typename weight_t, int G>
 __global__ void __launch_bounds__(kThreads) em_step_kernel(const StepArgs<scalar_t> a,
                                                            const weight_t* __restrict__ lw,
@@ -46,8 +106,6 @@ __global__ void __launch_bounds__(kThreads) em_step_kernel(const StepArgs<scalar
   uint64_t seed = 0, offset = 0;
   if (a.noise == nullptr) unpack_philox(rng, seed, offset);
   const bool weighted = lw != nullptr;
-  const acc_t lam = static_cast<acc_t>(a.fwd_linear);
-  const bool fwd = a.fwd_coef != 0.0;
   const int lane = threadIdx.x % G;
   const int64_t rows_per_block = kThreads / G;
   for (int64_t first = blockIdx.x * rows_per_block; first < a.rows;
@@ -55,63 +113,123 @@ __global__ void __launch_bounds__(kThreads) em_step_kernel(const StepArgs<scalar
     const int64_t row = first + threadIdx.x / G;
     const RowStep st =
         RowStep::of(row < a.rows ? row / a.N : 0, a.dt, a.sigma, a.row_dt, a.row_sigma);
-    const acc_t h = static_cast<acc_t>(st.h), s = static_cast<acc_t>(st.s);
-    const acc_t h_over_s = static_cast<acc_t>(weighted ? st.h / st.s : 0.0);
-    double ss_prop = 0.0, ss_fwd = 0.0, ss_ref[kMaxRefs];
-#pragma unroll
-    for (int k = 0; k < kMaxRefs; ++k) ss_ref[k] = 0.0;
+    StepSums ss;
     if (row < a.rows) {
       const int64_t e0 = row * a.D, e1 = e0 + a.D;
-      for (int64_t g = e0 / kPer + lane; g * kPer < e1; g += G) {
-        acc_t z[kPer];
-        if (a.noise == nullptr) NormalBlock<acc_t>::draw(seed, offset, static_cast<uint64_t>(g), z);
-#pragma unroll
-        for (int q = 0; q < kPer; ++q) {
-          const int64_t e = g * kPer + q;
-          if (e < e0 || e >= e1) continue;
-          const acc_t eps = a.noise ? static_cast<acc_t>(a.noise[e]) : z[q];
-          const acc_t dr = static_cast<acc_t>(a.drift[e]);
-          const scalar_t xn = static_cast<scalar_t>(static_cast<acc_t>(a.x[e]) + dr * h + s * eps);
-          a.x_out[e] = xn;
-          if (!weighted) continue;
-          ss_prop += static_cast<double>(eps) * eps;
-#pragma unroll
-          for (int k = 0; k < kMaxRefs; ++k) {
-            if (k >= a.K) break;
-            const acc_t zr =
-                ref_residual<acc_t>(dr, static_cast<acc_t>(a.refs[k][e]), h_over_s, eps);
-            ss_ref[k] += static_cast<double>(zr) * zr;
-          }
-          if (fwd) {
-            const acc_t zf = fwd_residual<acc_t>(dr, static_cast<acc_t>(xn), lam, h_over_s, eps);
-            ss_fwd += static_cast<double>(zf) * zf;
-          }
-        }
-      }
+      step_elements<scalar_t, acc_t>(a, row, e0 / kPer + lane, (e1 + kPer - 1) / kPer, G, st,
+                                     weighted, seed, offset, ss);
     }
-    if (!weighted) continue;
-    ss_prop = group_sum<G>(ss_prop);
-    ss_fwd = group_sum<G>(ss_fwd);
-    const double log_norm = gaussian_log_norm(a.D, st.s) * (a.coef_total - 1.0);
-    double delta = 0.5 * ss_prop - 0.5 * a.fwd_coef * ss_fwd + log_norm;
+    if (!weighted) continue;  // the same for every lane: no divergent shuffle below
+    ss.prop = group_sum<G>(ss.prop);
+    ss.fwd = group_sum<G>(ss.fwd);
 #pragma unroll
     for (int k = 0; k < kMaxRefs; ++k) {
       if (k >= a.K) break;
-      delta -= 0.5 * a.coefs[k] * group_sum<G>(ss_ref[k]);
+      ss.ref[k] = group_sum<G>(ss.ref[k]);
     }
     if (row < a.rows && lane == 0)
-      lwo[row] = static_cast<weight_t>(static_cast<double>(lw[row]) + delta);
+      lwo[row] = static_cast<weight_t>(static_cast<double>(lw[row]) + step_delta(a, st, ss));
+  }
+}
+
+// Few long rows (a handful of images, say): a warp per row would leave most of the GPU idle,
+// so each row is cut into segments of kSegmentBlocks Philox blocks, one thread block each.
+// A segment's sums go to `partial` (fixed-order block reduction), and em_step_finish_kernel
+// adds a row's segments in order: deterministic, no atomics.
+constexpr int64_t kSegmentBlocks = 4 * kThreads;
+constexpr int kSums = 2 + kMaxRefs;  // prop, fwd, refs: the stride of `partial`
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) em_step_segment_kernel(
+    const StepArgs<scalar_t> a, bool weighted, int64_t segs, double* __restrict__ partial,
+    const at::PhiloxCudaState rng) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kPer = NormalBlock<acc_t>::kPerCall;
+  __shared__ double warp_sums[kThreads / 32][kSums];
+  uint64_t seed = 0, offset = 0;
+  if (a.noise == nullptr) unpack_philox(rng, seed, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t unit = blockIdx.x; unit < a.rows * segs; unit += gridDim.x) {
+    const int64_t row = unit / segs, seg = unit % segs;
+    const RowStep st = RowStep::of(row / a.N, a.dt, a.sigma, a.row_dt, a.row_sigma);
+    const int64_t e0 = row * a.D, e1 = e0 + a.D;
+    const int64_t g_begin = e0 / kPer + seg * kSegmentBlocks;
+    const int64_t g_end = min(g_begin + kSegmentBlocks, (e1 + kPer - 1) / kPer);
+    StepSums ss;
+    step_elements<scalar_t, acc_t>(a, row, g_begin + threadIdx.x, g_end, kThreads, st, weighted,
+                                   seed, offset, ss);
+    if (!weighted) continue;  // the same for the whole block
+    double v[kSums];
+    v[0] = ss.prop;
+    v[1] = ss.fwd;
+#pragma unroll
+    for (int k = 0; k < kMaxRefs; ++k) v[2 + k] = ss.ref[k];
+#pragma unroll
+    for (int k = 0; k < kSums; ++k) {
+      const double w = group_sum<32>(v[k]);
+      if (lane == 0) warp_sums[warp][k] = w;
+    }
+    __syncthreads();
+    if (threadIdx.x < kSums) {
+      double t = 0.0;
+      for (int w = 0; w < kThreads / 32; ++w) t += warp_sums[w][threadIdx.x];
+      partial[unit * kSums + threadIdx.x] = t;
+    }
+    __syncthreads();  // warp_sums is reused by the next unit
+  }
+}
+
+template <typename scalar_t, typename weight_t>
+__global__ void __launch_bounds__(kThreads) em_step_finish_kernel(
+    const StepArgs<scalar_t> a, int64_t segs, const double* __restrict__ partial,
+    const weight_t* __restrict__ lw, weight_t* __restrict__ lwo) {
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; row < a.rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    StepSums ss;
+    for (int64_t seg = 0; seg < segs; ++seg) {
+      const double* p = partial + (row * segs + seg) * kSums;
+      ss.prop += p[0];
+      ss.fwd += p[1];
+      for (int k = 0; k < a.K; ++k) ss.ref[k] += p[2 + k];
+    }
+    const RowStep st = RowStep::of(row / a.N, a.dt, a.sigma, a.row_dt, a.row_sigma);
+    lwo[row] = static_cast<weight_t>(static_cast<double>(lw[row]) + step_delta(a, st, ss));
   }
 }
 
 // Lanes per row: enough Philox blocks per lane to amortize, never more than a warp.
 inline int lanes_per_row(int64_t D) { return D <= 8 ? 1 : (D <= 128 ? 4 : 32); }
 
+// Threads the device keeps resident: fewer rows × 32 lanes than this leaves it underused.
+inline int64_t resident_threads() {
+  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+  return static_cast<int64_t>(p->multiProcessorCount) * p->maxThreadsPerMultiProcessor;
+}
+
 template <typename scalar_t, typename weight_t>
 void launch_em_step(const StepArgs<scalar_t>& a, const weight_t* lw, weight_t* lwo,
-                    const at::PhiloxCudaState& rng) {
+                    const at::PhiloxCudaState& rng, const at::TensorOptions& options) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kPer = NormalBlock<acc_t>::kPerCall;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int g = lanes_per_row(a.D);
+  if (g == 32 && a.D >= 8 * kThreads * kPer && a.rows * 32 < resident_threads()) {
+    // Blocks touching a row: at most D / kPer + 2 (a row need not start on a block boundary).
+    const int64_t segs = (a.D / kPer + 2 + kSegmentBlocks - 1) / kSegmentBlocks;
+    const bool weighted = lw != nullptr;
+    at::Tensor partial = at::empty({weighted ? a.rows * segs * kSums : 0},
+                                   options.dtype(at::kDouble));
+    const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(a.rows * segs, 1 << 30));
+    em_step_segment_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        a, weighted, segs, weighted ? partial.data_ptr<double>() : nullptr, rng);
+    PATHSMC_CUDA_CHECK_LAUNCH();
+    if (weighted) {
+      em_step_finish_kernel<scalar_t, weight_t><<<grid_for(a.rows), kThreads, 0, stream>>>(
+          a, segs, partial.data_ptr<double>(), lw, lwo);
+      PATHSMC_CUDA_CHECK_LAUNCH();
+    }
+    return;
+  }
   const unsigned int grid = grid_for(a.rows * g);
   if (g == 1) {
     em_step_kernel<scalar_t, weight_t, 1><<<grid, kThreads, 0, stream>>>(a, lw, lwo, rng);
@@ -166,11 +284,13 @@ std::tuple<at::Tensor, at::Tensor> em_step_cuda(
     a.row_dt = in.row_dt.defined() ? in.row_dt.data_ptr<double>() : nullptr;
     a.row_sigma = in.row_sigma.defined() ? in.row_sigma.data_ptr<double>() : nullptr;
     if (!logw.defined()) {
-      launch_em_step<scalar_t, double>(a, nullptr, nullptr, rng);
+      launch_em_step<scalar_t, double>(a, nullptr, nullptr, rng, x.options());
     } else if (logw.scalar_type() == at::kDouble) {
-      launch_em_step<scalar_t, double>(a, logw.data_ptr<double>(), logw_out.data_ptr<double>(), rng);
+      launch_em_step<scalar_t, double>(a, logw.data_ptr<double>(), logw_out.data_ptr<double>(),
+                                       rng, x.options());
     } else {
-      launch_em_step<scalar_t, float>(a, logw.data_ptr<float>(), logw_out.data_ptr<float>(), rng);
+      launch_em_step<scalar_t, float>(a, logw.data_ptr<float>(), logw_out.data_ptr<float>(), rng,
+                                      x.options());
     }
   });
   return {x_out, logw_out};
