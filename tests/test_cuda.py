@@ -278,3 +278,12 @@ def test_em_step_long_rows_internal_noise():
     want = ref.em_step(x, a, logw, dt=dt, sigma=sigma, ref_drifts=[r], ref_coefs=[1.0],
                        noise=eps)[1]
     torch.testing.assert_close(lw, want, rtol=1e-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [700, 3 * 128 * 128 + 1])  # one warp per row; segmented rows
+def test_kernel_logpdf_cpu_and_cuda_agree(d):
+    y, base, drift, _, logw = _inputs(2, 3, d, torch.float64, seed=6)
+    kw = dict(dt=0.03, sigma=0.8, coef=0.7, linear=-0.5)
+    cpu = pathsmc.kernel_logpdf(y, base, drift, logw=logw, **kw)
+    gpu = pathsmc.kernel_logpdf(y.cuda(), base.cuda(), drift.cuda(), logw=logw.cuda(), **kw)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-10, atol=1e-8)

@@ -323,6 +323,52 @@ __global__ void __launch_bounds__(kThreads) kernel_logpdf_kernel(
   }
 }
 
+// Few long rows: segments of kThreads·kSegmentElements elements, one block each, partial sums
+// to `partial` in a fixed order, added per row by kernel_logpdf_finish_kernel (as em_step).
+constexpr int64_t kSegmentElements = 16 * kThreads;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) kernel_logpdf_segment_kernel(
+    const scalar_t* __restrict__ y, const scalar_t* __restrict__ base,
+    const scalar_t* __restrict__ drift, int64_t rows, int64_t D, int64_t segs, double h,
+    double inv_s, double lam, double* __restrict__ partial) {
+  __shared__ double warp_sums[kThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t unit = blockIdx.x; unit < rows * segs; unit += gridDim.x) {
+    const int64_t row = unit / segs, seg = unit % segs;
+    const int64_t d1 = min(D, (seg + 1) * kSegmentElements);
+    double ss = 0.0;
+    for (int64_t d = seg * kSegmentElements + threadIdx.x; d < d1; d += kThreads) {
+      const int64_t e = row * D + d;
+      const double dr = drift ? static_cast<double>(drift[e]) : 0.0;
+      const double z = kernel_residual(static_cast<double>(y[e]), static_cast<double>(base[e]),
+                                       dr, lam, h, inv_s);
+      ss += z * z;
+    }
+    ss = group_sum<32>(ss);
+    if (lane == 0) warp_sums[warp] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double t = 0.0;
+      for (int w = 0; w < kThreads / 32; ++w) t += warp_sums[w];
+      partial[unit] = t;
+    }
+    __syncthreads();  // warp_sums is reused by the next unit
+  }
+}
+
+template <typename weight_t>
+__global__ void __launch_bounds__(kThreads) kernel_logpdf_finish_kernel(
+    const double* __restrict__ partial, int64_t rows, int64_t segs,
+    const weight_t* __restrict__ lw, weight_t* __restrict__ out, double coef, double log_norm) {
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double ss = 0.0;
+    for (int64_t seg = 0; seg < segs; ++seg) ss += partial[row * segs + seg];
+    out[row] = static_cast<weight_t>(static_cast<double>(lw[row]) + coef * (-0.5 * ss + log_norm));
+  }
+}
+
 template <typename scalar_t, typename weight_t>
 void launch_kernel_logpdf(const at::Tensor& y, const at::Tensor& base, const at::Tensor& drift,
                           const at::Tensor& logw, at::Tensor& out, double h, double s,
@@ -331,6 +377,20 @@ void launch_kernel_logpdf(const at::Tensor& y, const at::Tensor& base, const at:
   const scalar_t* dp = drift.defined() ? drift.data_ptr<scalar_t>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int g = lanes_per_row(D);
+  if (g == 32 && D >= 2 * kSegmentElements && rows * 32 < resident_threads()) {
+    const int64_t segs = (D + kSegmentElements - 1) / kSegmentElements;
+    at::Tensor partial = at::empty({rows * segs}, logw.options().dtype(at::kDouble));
+    const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(rows * segs, 1 << 30));
+    kernel_logpdf_segment_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        y.data_ptr<scalar_t>(), base.data_ptr<scalar_t>(), dp, rows, D, segs, h, 1.0 / s, lam,
+        partial.data_ptr<double>());
+    PATHSMC_CUDA_CHECK_LAUNCH();
+    kernel_logpdf_finish_kernel<weight_t><<<grid_for(rows), kThreads, 0, stream>>>(
+        partial.data_ptr<double>(), rows, segs, logw.data_ptr<weight_t>(),
+        out.data_ptr<weight_t>(), coef, gaussian_log_norm(D, s));
+    PATHSMC_CUDA_CHECK_LAUNCH();
+    return;
+  }
   const unsigned int grid = grid_for(rows * g);
 #define PATHSMC_LAUNCH_KLP(G)                                                                 \
   kernel_logpdf_kernel<scalar_t, weight_t, G><<<grid, kThreads, 0, stream>>>(                 \
