@@ -287,3 +287,18 @@ def test_kernel_logpdf_cpu_and_cuda_agree(d):
     cpu = pathsmc.kernel_logpdf(y, base, drift, logw=logw, **kw)
     gpu = pathsmc.kernel_logpdf(y.cuda(), base.cuda(), drift.cuda(), logw=logw.cuda(), **kw)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-10, atol=1e-8)
+
+
+def test_residual_with_a_dominant_particle():
+    """Nearly every copy goes to one particle (the floor(M w) slots are found by binary search
+    over the running counts, not written by that particle's thread)."""
+    g = torch.Generator().manual_seed(8)
+    b, n = 2, 1 << 20
+    logw = torch.randn(b, n, generator=g, dtype=torch.float64)
+    logw[0, 12345] = 40.0
+    logw[1, ::2] = float("nan")
+    u = torch.rand(b, n, generator=g, dtype=torch.float64)
+    want = ref.resample(logw, "residual", n, u)
+    got = pathsmc.resample(logw.cuda(), "residual", n, u.cuda()).cpu()
+    assert (got != want).sum().item() <= 2
+    assert (got[0] == 12345).sum().item() >= n - 2

@@ -170,12 +170,14 @@ struct Uniforms {
   }
 };
 
-// Residual, part 1 (one block per row): floor(M w_j) copies of each j in order, and the
-// cumulative remainders into `cum` (overwriting the weight scan).
+// Residual, part 1 (one block per row): the running count of the floor(M w_j) copies into
+// `cnt` (search_kernel finds each copy slot's particle by binary search, so a particle with many
+// copies is not written by one thread), and the cumulative remainders into `cum` (overwriting
+// the weight scan).
 template <typename weight_t>
 __global__ void __launch_bounds__(kThreads) residual_copies_kernel(
     const weight_t* __restrict__ lw, const RowState rs, double* __restrict__ cum,
-    int64_t* __restrict__ det_count, double* __restrict__ rem_total, int64_t* __restrict__ anc,
+    int64_t* __restrict__ det_count, double* __restrict__ rem_total, int64_t* __restrict__ cnt,
     int64_t B, int64_t N, int64_t M) {
   using ScanI = cub::BlockScan<int64_t, kThreads>;
   using Scan = cub::BlockScan<double, kThreads>;
@@ -211,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) residual_copies_kernel(
       const int64_t base = carry_n;
       const double rbase = carry_r;
       if (j < N) {
-        for (int64_t k = base + start; k < min(M, base + start + n); ++k) anc[b * M + k] = j;
+        cnt[b * N + j] = base + start + n;  // copies of particles 0..j
         cum[b * N + j] = rbase + rcum;
       }
       __syncthreads();
@@ -233,7 +235,8 @@ __global__ void __launch_bounds__(kThreads) residual_copies_kernel(
 __global__ void search_kernel(const double* __restrict__ cum, const double* __restrict__ prefix,
                               const RowState rs, const Uniforms u,
                               const int64_t* __restrict__ det_count,
-                              const double* __restrict__ rem_total, int64_t* __restrict__ anc,
+                              const double* __restrict__ rem_total,
+                              const int64_t* __restrict__ cnt, int64_t* __restrict__ anc,
                               int64_t B, int64_t N, int64_t M, int64_t nc, int scheme_id) {
   uint64_t seed = 0, offset = 0;
   if (u.data == nullptr) unpack_philox(u.rng, seed, offset);
@@ -248,8 +251,17 @@ __global__ void search_kernel(const double* __restrict__ cum, const double* __re
     const double* row = cum + b * N;
     const double* pre = prefix ? prefix + b * nc : nullptr;
     double pos, scale;
+    if (scheme == Scheme::kResidual && i < det_count[b]) {  // a floor(M w_j) copy slot
+      const int64_t* row_cnt = cnt + b * N;
+      int64_t lo = 0, hi = N - 1;  // the first j whose running count exceeds i
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (row_cnt[mid] > i) hi = mid; else lo = mid + 1;
+      }
+      anc[p] = lo;
+      continue;
+    }
     if (scheme == Scheme::kResidual) {
-      if (i < det_count[b]) continue;  // a floor(M w) copy, written already
       pos = u.get(seed, offset, b, i - det_count[b]);
       scale = 1.0 / rem_total[b];
     } else if (scheme == Scheme::kMultinomial) {
@@ -317,23 +329,25 @@ at::Tensor ancestors(const at::Tensor& logw, Scheme scheme, int64_t M,
     row_total_kernel<<<row_grid, kThreads, 0, stream>>>(cmax, csq, clast.data_ptr<int64_t>(), rs,
                                                         B, N, nc, threshold);
     PATHSMC_CUDA_CHECK_LAUNCH();
-    at::Tensor det_count, rem_total;
+    at::Tensor det_count, rem_total, cnt;
     const double* prefix = cmax;
     if (scheme == Scheme::kResidual) {
       det_count = at::empty({B}, iopt);
       rem_total = at::empty({B}, dopt);
+      cnt = at::empty({B, N}, iopt);
       residual_copies_kernel<scalar_t>
           <<<static_cast<unsigned int>(std::min<int64_t>(B, 65535)), kThreads, 0, stream>>>(
               lw, rs, cum.data_ptr<double>(), det_count.data_ptr<int64_t>(),
-              rem_total.data_ptr<double>(), anc.data_ptr<int64_t>(), B, N, M);
+              rem_total.data_ptr<double>(), cnt.data_ptr<int64_t>(), B, N, M);
       PATHSMC_CUDA_CHECK_LAUNCH();
       prefix = nullptr;  // cum now holds whole-row cumulative remainders
     }
     search_kernel<<<grid_for(B * M), kThreads, 0, stream>>>(
         cum.data_ptr<double>(), prefix, rs, u,
         det_count.defined() ? det_count.data_ptr<int64_t>() : nullptr,
-        rem_total.defined() ? rem_total.data_ptr<double>() : nullptr, anc.data_ptr<int64_t>(), B,
-        N, M, nc, static_cast<int>(scheme));
+        rem_total.defined() ? rem_total.data_ptr<double>() : nullptr,
+        cnt.defined() ? cnt.data_ptr<int64_t>() : nullptr, anc.data_ptr<int64_t>(), B, N, M, nc,
+        static_cast<int>(scheme));
     PATHSMC_CUDA_CHECK_LAUNCH();
   });
   return anc;
