@@ -20,7 +20,8 @@ loop keeps the single-process driver's no-sync property. Collectives are issued 
 order on every rank; every rank must run the same number of steps with the same B and N_local.
 
 :func:`smc` is :func:`pathsmc.smc.smc` over a process group, :func:`annealed_smc` is
-:func:`pathsmc.samplers.annealed_smc` over one (adaptive tempering on the global population).
+:func:`pathsmc.samplers.annealed_smc` over one (adaptive tempering on the global population),
+:class:`DistributedParallelTempering` splits parallel tempering's chains across ranks.
 Use the NCCL backend for CUDA tensors (one GPU per rank) and gloo for CPU tensors. Each rank
 passes its own generator (seeded differently, e.g. ``seed + rank``): the ranks' particles must
 be independent. Launch with ``torchrun --nproc-per-node G your_script.py``, or see
@@ -30,6 +31,7 @@ be independent. Launch with ``torchrun --nproc-per-node G your_script.py``, or s
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,8 +41,10 @@ import torch.distributed as dist
 from pathsmc import ops as fused_ops
 from pathsmc.samplers import AnnealedSMCResult
 from pathsmc.smc import FeynmanKacModel, SMCResult, _check_run_args, _dead_rows, _progress, _run
+from pathsmc.tempering import ParallelTempering, PTResult
 
-__all__ = ["DistributedOps", "DistributedSMCResult", "annealed_smc", "main", "smc"]
+__all__ = ["DistributedOps", "DistributedParallelTempering", "DistributedSMCResult",
+           "annealed_smc", "main", "smc"]
 
 
 class DistributedOps:
@@ -272,6 +276,75 @@ def annealed_smc(target, particles: int, batch: int = 1, *,
                         progress=progress if dops.rank == 0 else False, **kwargs)
     res.population = particles * dops.world_size
     return res
+
+
+class DistributedParallelTempering(ParallelTempering):
+    """:class:`pathsmc.tempering.ParallelTempering` with its chain columns split across the
+    ranks of ``group``: each rank runs ``num_chains`` columns (all K levels of each) and the
+    run has ``world_size · num_chains``.
+
+    A column is an independent PT system, so scans need no communication; at each round's end
+    (where the single-process sampler reads its statistics anyway) the per-column sums are
+    all-gathered, the MALA acceptance and energy sums all-reduced and the step sizes averaged,
+    so every rank computes the same :class:`~pathsmc.tempering.RoundStats` over all columns
+    (swap acceptance, Λ̂, round trips, stepping-stone log Ẑ and their standard errors) and
+    adapts to the same schedule. SEO parities come from a host stream seeded by rank 0, so all
+    ranks attempt the same pairs. ``x`` and recorded ``samples`` stay per rank. Arguments are
+    ParallelTempering's, plus ``group``; give each rank its own ``generator``.
+    """
+
+    def __init__(self, target, reference=None, *, group: dist.ProcessGroup | None = None,
+                 **kwargs) -> None:
+        self._dops = DistributedOps(group)
+        super().__init__(target, reference, **kwargs)
+        shared = [self._host_rng.getrandbits(64) if self._dops.rank == 0 else None]
+        dist.broadcast_object_list(shared, src=dist.get_global_rank(group, 0) if group else 0,
+                                   group=group)
+        self._host_rng = random.Random(shared[0])
+        shapes = [None] * self._dops.world_size
+        dist.all_gather_object(shapes, (self.B, self.C, self.K, self.swap, self.local_steps),
+                               group=group)
+        if any(x != shapes[0] for x in shapes):
+            raise ValueError("DistributedParallelTempering: every rank must use the same "
+                             f"(num_problems, num_chains, num_levels, swap, local_steps); "
+                             f"got {shapes}")
+
+    def _gather_columns(self, t: torch.Tensor, lead: int) -> torch.Tensor:
+        """``(*lead, B·C_local)`` per rank -> ``(*lead, B·C)`` (each problem's columns)."""
+        shape = t.shape[:lead]
+        per = t.reshape(-1, self.B, self.C).transpose(0, 1)  # (B, lead..., C_local)
+        full = self._dops._gather_rows(per.contiguous().transpose(1, 2))  # (B, C, lead...)
+        return full.transpose(1, 2).transpose(0, 1).reshape(*shape, -1)
+
+    def _round_stats(self, acc, scans, adapted, energy, samples):
+        world = self._dops.world_size
+        acc = dict(acc)
+        for name in ("swap_rb", "swap_acc", "ss_fwd", "ss_bwd"):
+            acc[name] = self._gather_columns(acc[name], 1)
+        for name in ("trips", "restarts"):
+            acc[name] = self._gather_columns(acc[name].unsqueeze(0), 1)[0]
+        mala = acc["mala"].clone()
+        dist.all_reduce(mala, group=self._dops.group)
+        acc["mala"] = mala
+        energy = torch.stack(energy)
+        dist.all_reduce(energy, group=self._dops.group)
+        energy = list(energy / world)
+        log_h = self._log_h.clone()
+        dist.all_reduce(log_h, group=self._dops.group)
+        self._log_h = log_h / world
+        local_c = self.C
+        self.C = local_c * world  # the statistics are over every rank's columns
+        try:
+            return super()._round_stats(acc, scans, adapted, energy, samples)
+        finally:
+            self.C = local_c
+
+    def run(self, rounds: int, *, report: bool = False, plot: str | None = None,
+            progress: bool | None = None, **kwargs) -> PTResult:
+        """:meth:`ParallelTempering.run` (report, plot and progress bar on rank 0 only)."""
+        lead = self._dops.rank == 0
+        return super().run(rounds, report=report and lead, plot=plot if lead else None,
+                           progress=progress if lead else False, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
