@@ -302,3 +302,30 @@ def test_residual_with_a_dominant_particle():
     got = pathsmc.resample(logw.cuda(), "residual", n, u.cuda()).cpu()
     assert (got != want).sum().item() <= 2
     assert (got[0] == 12345).sum().item() >= n - 2
+
+
+def test_distributed_smc_on_one_gpu_with_nccl(tmp_path):
+    """pathsmc.distributed on CUDA tensors (NCCL, one rank): the same run as the
+    single-process driver."""
+    import torch.distributed as dist
+
+    from pathsmc import distributed
+    from pathsmc.diffusion import DiffusionModel, VPSchedule, steering_model
+    from pathsmc.smc import smc
+    from pathsmc.targets import default_2d
+
+    if not dist.is_nccl_available() or dist.is_initialized():
+        pytest.skip("NCCL is not available, or a process group exists already")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        theta = torch.tensor([1.0, -0.5], dtype=torch.float64, device="cuda")
+        fk = steering_model(DiffusionModel.from_mixture(default_2d("cuda"), VPSchedule()),
+                            "reward", reward=lambda x: x.double() @ theta, steps=30,
+                            device="cuda")
+        one = distributed.smc(fk, 1024, 4, generator=torch.Generator("cuda").manual_seed(0))
+        ref = smc(fk, 1024, 4, generator=torch.Generator("cuda").manual_seed(0))
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(one.log_z, ref.log_z, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(one.particles, ref.particles, rtol=0, atol=0)
