@@ -85,15 +85,19 @@ class DistributedOps:
         out = torch.cat(parts, dim=1)
         return out.bool() if as_bytes else out
 
+    @property
+    def _root(self) -> int:
+        """The global rank of the group's rank 0 (collectives name global ranks)."""
+        return dist.get_global_rank(self.group, 0) if self.group is not None else 0
+
     def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(t, src=dist.get_global_rank(self.group, 0) if self.group else 0,
-                       group=self.group)
+        dist.broadcast(t, src=self._root, group=self.group)
         return t
 
-    def _local(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's slice ``(B, N_local, ...)`` of a global ``(B, N, ...)`` tensor."""
+    def _slice(self, t: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s slice ``(B, N_local, ...)`` of a global ``(B, N, ...)`` tensor."""
         n_local = t.shape[1] // self.world_size
-        return t[:, self.rank * n_local:(self.rank + 1) * n_local]
+        return t[:, rank * n_local:(rank + 1) * n_local]
 
     # ---- the population ops ----
 
@@ -103,6 +107,8 @@ class DistributedOps:
         if logw.dim() != 2:
             raise ValueError(f"logw: expected (B, N_local), got shape {tuple(logw.shape)}")
         lwn, log_mean, ess = self.base.normalize(logw)  # validates; the heavy pass, local
+        if self.world_size == 1:
+            return lwn, log_mean, ess
         n_local = logw.shape[1]
         # Per rank: its logsumexp and Σ of its locally normalized squared weights (= 1 / ESS).
         lse = log_mean.double() + math.log(n_local)
@@ -157,28 +163,55 @@ class DistributedOps:
         """
         if logw.dim() != 2:
             raise ValueError(f"logw: expected (B, N_local), got shape {tuple(logw.shape)}")
+        if self.world_size == 1:
+            return self.base.adaptive_resample(states, logw, threshold=threshold, scheme=scheme,
+                                               uniforms=uniforms, generator=generator)
         b, n_local = logw.shape
         n = n_local * self.world_size
-        full = self._gather_rows(logw)
-        index = torch.arange(n, device=logw.device).expand(b, n)
+        # Rank 0 gathers the weights, decides and draws, and sends each rank its slice of the
+        # ancestors with the row mask and the rows' log Ẑ (as int64 bits) in one message.
+        send = logw.contiguous()
+        parts = [torch.empty_like(send) for _ in range(self.world_size)] if self.rank == 0 \
+            else None
+        dist.gather(send, parts, dst=self._root, group=self.group)
+        mine = torch.empty(b, n_local + 2, dtype=torch.int64, device=logw.device)
+        chunks = None
         if self.rank == 0:
-            _, new_logw, anc, mask = self.base.adaptive_resample(
+            full = torch.cat(parts, dim=1)
+            index = torch.arange(n, device=logw.device).expand(b, n)
+            _, new_full, anc, mask = self.base.adaptive_resample(
                 [index], full, threshold=threshold, scheme=scheme, uniforms=uniforms,
                 generator=generator)
-            anc, new_logw, mask = anc.contiguous(), new_logw.contiguous(), mask.to(torch.uint8)
-        else:
-            anc = torch.empty(b, n, dtype=torch.int64, device=logw.device)
-            new_logw = torch.empty_like(full)
-            mask = torch.empty(b, dtype=torch.uint8, device=logw.device)
-        for t in (anc, new_logw, mask):
-            self._broadcast(t)
-        anc_local = self._local(anc)
-        out = []
-        for s in states:
-            full_s = self._gather_rows(s)
-            idx = anc_local.reshape(*anc_local.shape, *([1] * (s.dim() - 2)))
-            out.append(torch.take_along_dim(full_s, idx, dim=1))
-        return out, self._local(new_logw).contiguous(), anc_local, mask.bool()
+            log_mean = self.base.normalize(full)[1].double()
+            tail = torch.stack([mask.to(torch.int64), log_mean.view(torch.int64)], -1)
+            chunks = [torch.cat([self._slice(anc, r), tail], -1).contiguous()
+                      for r in range(self.world_size)]
+        dist.scatter(mine, chunks, src=self._root, group=self.group)
+        anc_local, mask = mine[:, :n_local], mine[:, n_local].bool()
+        log_mean = mine[:, n_local + 1].contiguous().view(torch.float64).to(logw.dtype)
+        new_logw = torch.where(mask.unsqueeze(-1), log_mean.unsqueeze(-1), logw)
+        return self._gather_states(states, anc_local), new_logw, anc_local, mask
+
+    def _gather_states(self, states: Sequence[torch.Tensor],
+                       anc_local: torch.Tensor) -> list[torch.Tensor]:
+        """Each state's particles at the global indices ``anc_local``: every state viewed as
+        bytes, packed side by side, all-gathered once, gathered by row and unpacked."""
+        if not states:
+            return []
+        b, n_local = anc_local.shape
+        flat = [s.contiguous().reshape(b, n_local, -1) for s in states]
+        raw = [f.view(torch.uint8) for f in flat]  # bool, ints, floats: one byte layout
+        full = self._gather_rows(torch.cat(raw, -1) if len(raw) > 1 else raw[0])
+        # Row copies by index_select on (B·N, bytes): take_along_dim would gather byte by byte.
+        rows = anc_local + torch.arange(b, device=anc_local.device).unsqueeze(-1) * full.shape[1]
+        picked = full.reshape(-1, full.shape[-1]).index_select(0, rows.reshape(-1))
+        picked = picked.reshape(b, n_local, -1)
+        out, start = [], 0
+        for s, f, r in zip(states, flat, raw, strict=True):
+            part = picked[..., start:start + r.shape[-1]].contiguous()
+            start += r.shape[-1]
+            out.append(part.view(f.dtype).reshape(s.shape))
+        return out
 
 
 @dataclass
@@ -298,8 +331,7 @@ class DistributedParallelTempering(ParallelTempering):
         self._dops = DistributedOps(group)
         super().__init__(target, reference, **kwargs)
         shared = [self._host_rng.getrandbits(64) if self._dops.rank == 0 else None]
-        dist.broadcast_object_list(shared, src=dist.get_global_rank(group, 0) if group else 0,
-                                   group=group)
+        dist.broadcast_object_list(shared, src=self._dops._root, group=group)
         self._host_rng = random.Random(shared[0])
         shapes = [None] * self._dops.world_size
         dist.all_gather_object(shapes, (self.B, self.C, self.K, self.swap, self.local_steps),
