@@ -67,13 +67,18 @@ __global__ void __launch_bounds__(kThreads) chunk_max_kernel(const weight_t* __r
   }
 }
 
+// One warp per row (max is exact in any order, so lanes may split the chunks).
 __global__ void row_max_kernel(const double* __restrict__ cmax, RowState rs, int64_t B,
                                int64_t nc) {
-  for (int64_t b = blockIdx.x * blockDim.x + threadIdx.x; b < B;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t b = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; b < B;
+       b += warps) {  // b is the same for the 32 lanes of a warp
     double m = -INFINITY;
-    for (int64_t c = 0; c < nc; ++c) m = fmax(m, cmax[b * nc + c]);
-    rs.max[b] = m;
+    for (int64_t c = lane; c < nc; c += 32) m = fmax(m, cmax[b * nc + c]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) rs.max[b] = m;
   }
 }
 
@@ -320,7 +325,7 @@ at::Tensor ancestors(const at::Tensor& logw, Scheme scheme, int64_t M,
     const scalar_t* lw = logw.data_ptr<scalar_t>();
     chunk_max_kernel<scalar_t><<<chunk_grid, kThreads, 0, stream>>>(lw, cmax, B, N, nc);
     PATHSMC_CUDA_CHECK_LAUNCH();
-    row_max_kernel<<<row_grid, kThreads, 0, stream>>>(cmax, rs, B, nc);
+    row_max_kernel<<<grid_for(B * 32), kThreads, 0, stream>>>(cmax, rs, B, nc);
     PATHSMC_CUDA_CHECK_LAUNCH();
     // cmax is reused for the chunk totals (it is no longer needed)
     chunk_scan_kernel<scalar_t><<<chunk_grid, kThreads, 0, stream>>>(
