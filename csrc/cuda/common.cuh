@@ -46,6 +46,17 @@ inline unsigned int grid_for(int64_t work, int threads = kThreads) {
   return static_cast<unsigned int>(std::clamp<int64_t>(blocks, 1, int64_t{1} << 30));
 }
 
+// Lanes per row of D elements for the row-wise kernels: enough elements per lane to amortize,
+// never more than a warp.
+inline int lanes_per_row(int64_t D) { return D <= 8 ? 1 : (D <= 128 ? 4 : 32); }
+
+// Threads the device keeps resident: fewer rows × 32 lanes than this leaves it underused, and
+// the row-wise kernels then cut long rows into segments of one block each.
+inline int64_t resident_threads() {
+  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+  return static_cast<int64_t>(p->multiProcessorCount) * p->maxThreadsPerMultiProcessor;
+}
+
 // Sum over a group of G consecutive lanes (G a power of two <= 32); every lane gets the sum.
 template <int G, typename T>
 __device__ __forceinline__ T group_sum(T v) {

@@ -67,15 +67,118 @@ __global__ void __launch_bounds__(kThreads) mala_kernel(
   }
 }
 
+// Few long rows: three passes over segments of kMalaSegment elements, one block each.
+// 1. each segment's float64 residual sums (fixed-order block reduction) into `partial`;
+constexpr int64_t kMalaSegment = 16 * kThreads;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) mala_segment_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ xp,
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ gp,
+    const double* __restrict__ step, double* __restrict__ partial, int64_t rows, int64_t N,
+    int64_t D, int64_t segs) {
+  __shared__ double warp_sums[kThreads / 32][2];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t unit = blockIdx.x; unit < rows * segs; unit += gridDim.x) {
+    const int64_t r = unit / segs, seg = unit % segs;
+    const double h = step[r / N];
+    const int64_t d1 = min(D, (seg + 1) * kMalaSegment);
+    double fwd = 0.0, bwd = 0.0;
+    for (int64_t d = seg * kMalaSegment + threadIdx.x; d < d1; d += kThreads) {
+      const int64_t e = r * D + d;
+      fwd += mala_sq(static_cast<double>(xp[e]), static_cast<double>(x[e]),
+                     static_cast<double>(g[e]), h);
+      bwd += mala_sq(static_cast<double>(x[e]), static_cast<double>(xp[e]),
+                     static_cast<double>(gp[e]), h);
+    }
+    fwd = group_sum<32>(fwd);
+    bwd = group_sum<32>(bwd);
+    if (lane == 0) {
+      warp_sums[warp][0] = fwd;
+      warp_sums[warp][1] = bwd;
+    }
+    __syncthreads();
+    if (threadIdx.x < 2) {
+      double t = 0.0;
+      for (int w = 0; w < kThreads / 32; ++w) t += warp_sums[w][threadIdx.x];
+      partial[unit * 2 + threadIdx.x] = t;
+    }
+    __syncthreads();  // warp_sums is reused by the next unit
+  }
+}
+
+// 2. per row: the segments' sums in order, the decision, the log-density and the flag;
+template <typename weight_t>
+__global__ void __launch_bounds__(kThreads) mala_decide_kernel(
+    const double* __restrict__ partial, const weight_t* __restrict__ lp,
+    const weight_t* __restrict__ lpp, const double* __restrict__ step,
+    const double* __restrict__ uniforms, const at::PhiloxCudaState rng,
+    weight_t* __restrict__ lpo, bool* __restrict__ acc, int64_t rows, int64_t N, int64_t segs) {
+  uint64_t seed = 0, offset = 0;
+  if (uniforms == nullptr) unpack_philox(rng, seed, offset);
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double fwd = 0.0, bwd = 0.0;
+    for (int64_t seg = 0; seg < segs; ++seg) {
+      fwd += partial[(r * segs + seg) * 2];
+      bwd += partial[(r * segs + seg) * 2 + 1];
+    }
+    const double h = step[r / N];
+    const double log_alpha =
+        static_cast<double>(lpp[r]) - static_cast<double>(lp[r]) + (fwd - bwd) / (4.0 * h);
+    const double u = uniforms ? uniforms[r] : stream_uniform(seed, offset, static_cast<uint64_t>(r));
+    const bool a = log(u) < log_alpha;  // NaN: rejected
+    acc[r] = a;
+    lpo[r] = a ? lpp[r] : lp[r];
+  }
+}
+
+// 3. every element of the chosen row (state and gradient).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) mala_copy_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ xp,
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ gp,
+    const bool* __restrict__ acc, scalar_t* __restrict__ xo, scalar_t* __restrict__ go,
+    int64_t total, int64_t D) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool a = acc[e / D];
+    xo[e] = a ? xp[e] : x[e];
+    go[e] = a ? gp[e] : g[e];
+  }
+}
+
 template <typename scalar_t, typename weight_t>
 void launch_mala(const at::Tensor& x, const at::Tensor& xp, const at::Tensor& g,
                  const at::Tensor& gp, const at::Tensor& lp, const at::Tensor& lpp,
                  const at::Tensor& step, const double* up, const at::PhiloxCudaState& rng,
                  at::Tensor& xo, at::Tensor& go, at::Tensor& lpo, at::Tensor& acc) {
   const int64_t N = x.size(1), D = x.size(2), rows = x.size(0) * N;
-  const int G = D <= 8 ? 1 : (D <= 128 ? 4 : 32);
-  const unsigned int grid = grid_for(rows * G);
+  const int G = lanes_per_row(D);
   auto stream = at::cuda::getCurrentCUDAStream();
+  if (G == 32 && D >= 2 * kMalaSegment && rows * 32 < resident_threads()) {
+    const int64_t segs = (D + kMalaSegment - 1) / kMalaSegment;
+    at::Tensor partial = at::empty({rows * segs * 2}, lp.options().dtype(at::kDouble));
+    const unsigned int seg_grid =
+        static_cast<unsigned int>(std::min<int64_t>(rows * segs, 1 << 30));
+    mala_segment_kernel<scalar_t><<<seg_grid, kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+        gp.data_ptr<scalar_t>(), step.data_ptr<double>(), partial.data_ptr<double>(), rows, N,
+        D, segs);
+    PATHSMC_CUDA_CHECK_LAUNCH();
+    mala_decide_kernel<weight_t><<<grid_for(rows), kThreads, 0, stream>>>(
+        partial.data_ptr<double>(), lp.data_ptr<weight_t>(), lpp.data_ptr<weight_t>(),
+        step.data_ptr<double>(), up, rng, lpo.data_ptr<weight_t>(), acc.data_ptr<bool>(), rows,
+        N, segs);
+    PATHSMC_CUDA_CHECK_LAUNCH();
+    mala_copy_kernel<scalar_t><<<grid_for(rows * D), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+        gp.data_ptr<scalar_t>(), acc.data_ptr<bool>(), xo.data_ptr<scalar_t>(),
+        go.data_ptr<scalar_t>(), rows * D, D);
+    PATHSMC_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  const unsigned int grid = grid_for(rows * G);
   auto kernel = G == 1 ? mala_kernel<scalar_t, weight_t, 1>
                        : (G == 4 ? mala_kernel<scalar_t, weight_t, 4> : mala_kernel<scalar_t, weight_t, 32>);
   kernel<<<grid, kThreads, 0, stream>>>(

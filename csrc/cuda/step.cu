@@ -197,15 +197,6 @@ __global__ void __launch_bounds__(kThreads) em_step_finish_kernel(
   }
 }
 
-// Lanes per row: enough Philox blocks per lane to amortize, never more than a warp.
-inline int lanes_per_row(int64_t D) { return D <= 8 ? 1 : (D <= 128 ? 4 : 32); }
-
-// Threads the device keeps resident: fewer rows × 32 lanes than this leaves it underused.
-inline int64_t resident_threads() {
-  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
-  return static_cast<int64_t>(p->multiProcessorCount) * p->maxThreadsPerMultiProcessor;
-}
-
 template <typename scalar_t, typename weight_t>
 void launch_em_step(const StepArgs<scalar_t>& a, const weight_t* lw, weight_t* lwo,
                     const at::PhiloxCudaState& rng, const at::TensorOptions& options) {
