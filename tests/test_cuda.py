@@ -339,7 +339,9 @@ def test_mala_long_rows_split_across_blocks():
     x = torch.randn(2, 4, d, generator=g, dtype=torch.float64)
     gr, gp = (0.01 * torch.randn(2, 4, d, generator=g, dtype=torch.float64) for _ in range(2))
     xp = x + 0.01 * torch.randn(2, 4, d, generator=g, dtype=torch.float64)
-    lp, lpp = (torch.randn(2, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    lp = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    lpp = lp + 3.0 * torch.tensor([[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 1.0]],
+                                  dtype=torch.float64)  # accept ~ always / ~ 5 %
     u = torch.rand(2, 4, generator=g, dtype=torch.float64)
     step = torch.tensor([0.1, 0.2], dtype=torch.float64)
     want = ref.mala_accept(x, xp, lp, lpp, gr, gp, step, u)
