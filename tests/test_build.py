@@ -32,3 +32,12 @@ def test_missing_extension_says_how_to_rebuild():
 def test_torch_mismatch_says_how_to_rebuild():
     msg = _import_error("import torch; torch.__version__ = '0.0.1'")
     assert "was built against torch" in msg and "0.0.1" in msg and "make build" in msg
+
+
+def test_info_command(capsys):
+    from pathsmc.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"pathsmc {pathsmc.__version__}" in out and "cuda:" in out
+    assert "gpus visible:" in out and "torch.distributed backends:" in out

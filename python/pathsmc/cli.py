@@ -134,6 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pathsmc {pathsmc.__version__} (torch {torch.__version__})")
         for key, value in info.items():
             print(f"  {key}: {value}")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        print(f"  gpus visible: {gpus}" + (f" ({torch.cuda.get_device_name(0)})" if gpus else ""))
+        import torch.distributed as dist
+
+        backends = [name for name, ok in (("gloo", dist.is_available() and
+                                           dist.is_gloo_available()),
+                                          ("nccl", dist.is_available() and
+                                           dist.is_nccl_available())) if ok]
+        print(f"  torch.distributed backends: {', '.join(backends) or 'none'} "
+              "(pathsmc.distributed)")
         return 0
     return 2  # unreachable: argparse enforces the subcommands
 
