@@ -2,12 +2,12 @@
 //
 // Many rows, many blocks per row, no host sync:
 //   1. chunk maxima of the log-weights       (grid: chunks x rows)
-//   2. row maxima                             (thread per row)
+//   2. row maxima                             (warp per row)
 //   3. chunk scans of w = exp(l - max) in float64, chunk totals, sums of squares, last live
 //   4. row totals: prefix of the chunk totals, ESS, log Ẑ, which rows resample (thread per row)
 //   5. ancestors: each output position binary-searches the cumulative weights (balanced even
-//      when one particle takes every offspring); residual first writes its floor(M w) copies
-//      with a per-row block scan.
+//      when one particle takes every offspring); residual first scans, per row in one block,
+//      the running count of the floor(M w) copies, and its copy slots binary-search that.
 // The cumulative weight of particle j is prefix[chunk(j)] + local_scan[j]. Dead particles
 // (w = 0) must never be picked, so their cumulative weight must equal their predecessor's
 // exactly: a block sum-scan does not guarantee that (a thread's sequential sums and the

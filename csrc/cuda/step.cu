@@ -166,11 +166,12 @@ __global__ void __launch_bounds__(kThreads) em_step_segment_kernel(
     for (int k = 0; k < kMaxRefs; ++k) v[2 + k] = ss.ref[k];
 #pragma unroll
     for (int k = 0; k < kSums; ++k) {
+      if (k >= 2 + a.K) break;  // unused reference slots stay unread (the same for the block)
       const double w = group_sum<32>(v[k]);
       if (lane == 0) warp_sums[warp][k] = w;
     }
     __syncthreads();
-    if (threadIdx.x < kSums) {
+    if (threadIdx.x < 2 + a.K) {
       double t = 0.0;
       for (int w = 0; w < kThreads / 32; ++w) t += warp_sums[w][threadIdx.x];
       partial[unit * kSums + threadIdx.x] = t;

@@ -180,7 +180,9 @@ def resample(
         for r in range(b):
             mw = m * w[r]
             counts = torch.floor(mw)
-            det = torch.repeat_interleave(idx, counts.long())
+            # Rounding can make the floors add up to more than M: keep the first M, as the
+            # kernels do.
+            det = torch.repeat_interleave(idx, counts.long())[:m]
             rest = m - det.numel()
             if rest > 0:
                 resid = torch.cumsum(mw - counts, 0)
