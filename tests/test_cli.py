@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tomllib
 from pathlib import Path
 
@@ -359,3 +360,42 @@ def test_samplers_table(capsys, restore_threads):
             assert abs(float(line.split()[-3])) < 5, line
     with pytest.raises(SystemExit):
         main(["samplers", "--rows", "1"])
+
+
+# ---- several processes (torchrun) ----
+
+
+def _sample_rank(rank: int, world: int, port: int, cfg: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    code = main(["sample", "--config", cfg, "--out", out, "--no-progress"])
+    Path(out, f"exit-{rank}").write_text(str(code))
+
+
+def test_chunks_dealt_to_several_processes(tmp_path, capsys) -> None:
+    """Under torchrun the ranks share the chunks (round-robin) and rank 0 combines them: the
+    same result as one process, since every chunk is seeded by its index."""
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    cfg = write_config(tmp_path, small(example_config()))  # 6 rows, chunks of 2: 3 chunks
+    assert run("--config", cfg, "--out", tmp_path / "one") == 0
+    ref = torch.load(tmp_path / "one" / "result.pt", weights_only=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "two"
+    mp.spawn(_sample_rank, args=(2, port, str(cfg), str(out)), nprocs=2, join=True)
+    assert [(out / f"exit-{r}").read_text() for r in range(2)] == ["0", "0"]
+    res = torch.load(out / "result.pt", weights_only=True)
+    for key in ("particles", "logw", "log_z", "ess", "resampled"):
+        assert torch.equal(res[key], ref[key]), key
+    assert res["seeds"] == ref["seeds"] and res["chunks"] == ref["chunks"]
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == [
+        "chunk-0000.pt", "chunk-0001.pt", "chunk-0002.pt"]
+    assert (out / "report.txt").read_text().startswith("pathsmc sample")

@@ -64,6 +64,13 @@ versions and timing), ``result.npz`` with the same arrays when ``format = "npz"`
 skipped when the job is started again, so an interrupted job resumes where it stopped; a folder
 whose chunks belong to another config, or that already holds results, is never overwritten
 without ``--force`` (which starts afresh).
+
+Several GPUs or processes: ``torchrun --nproc-per-node G -m pathsmc.cli sample --config ...``
+deals the chunks out round-robin (chunk i to rank i mod G; ``device = "cuda"`` becomes each
+rank's ``cuda:LOCAL_RANK``); every rank writes its chunk files and rank 0 combines them and
+writes the results and the report. The chunks are seeded by their index, so the result is the
+same as a one-process run of the same config on the same kind of device; set ``chunk`` so that
+there are at least G chunks.
 """
 
 from __future__ import annotations
@@ -526,7 +533,8 @@ def _run_chunk(cfg: JobConfig, job: _Job, index: int, start: int, stop: int,
     res = steer(models if st["mode"] in ("product", "uncorrected") else models[0], st["mode"],
                 particles=cfg.particles, batch=stop - start, steps=cfg.steps, dim=cfg.dim,
                 t_end=cfg.t_end, threshold=cfg.threshold, scheme=cfg.scheme, seed=seed,
-                device=cfg.device, dtype=DTYPES[cfg.dtype], progress=progress, **kwargs)
+                device=_rank_device(cfg.device), dtype=DTYPES[cfg.dtype], progress=progress,
+                **kwargs)
     return {
         "rows": (start, stop), "seed": seed, "seconds": time.perf_counter() - t0,
         "particles": res.particles.detach().cpu(), "logw": res.logw.detach().double().cpu(),
@@ -539,6 +547,46 @@ def _run_chunk(cfg: JobConfig, job: _Job, index: int, start: int, stop: int,
 # ---------------------------------------------------------------------------------------------
 # The output folder
 # ---------------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    """(rank, number of processes) of a torchrun launch; (0, 1) for one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_device(device: str) -> str:
+    """``"cuda"`` is this rank's GPU (``cuda:LOCAL_RANK``) when several processes share a
+    machine; any other device string is used as given."""
+    if device == "cuda" and _world()[1] > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """Join the torchrun launch (WORLD_SIZE > 1) with a gloo group for the barriers and counts
+    (the chunks themselves need no communication); nothing for one process."""
+    import torch.distributed as dist
+
+    start = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if start:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        if start:
+            dist.destroy_process_group()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _world()[1] > 1:
+        dist.barrier()
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -694,10 +742,18 @@ def run_sample(config: str | Path, *, out: str | Path | None = None, force: bool
             raise ConfigError("out: no output folder (give --out or set 'out' in the config)")
         out = cfg.source.parent / cfg.out
     out = Path(out)
-    progress = progress and sys.stderr.isatty()
+    with _process_group():
+        return _run_job(cfg, out, force, progress)
+
+
+def _run_job(cfg: JobConfig, out: Path, force: bool, progress: bool) -> int:
+    rank, _ = _world()
+    progress = progress and sys.stderr.isatty() and rank == 0
     with _import_dirs(cfg.import_dirs()):
         job = _resolve_job(cfg)  # before touching the folder: a bad config writes nothing
-        _prepare_folder(out, cfg, force)
+        if rank == 0:
+            _prepare_folder(out, cfg, force)
+        _barrier()  # the folder is ready (and, with --force, emptied) before any rank writes
         saved_threads = torch.get_num_threads()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -705,6 +761,8 @@ def run_sample(config: str | Path, *, out: str | Path | None = None, force: bool
             parts, resumed, t0 = _run_chunks(cfg, job, out, progress)
         finally:
             torch.set_num_threads(saved_threads)
+    if rank != 0:
+        return 0  # rank 0 writes the results
     seconds = time.perf_counter() - t0
     result = _combine(parts)
     result.update({
@@ -732,17 +790,20 @@ def _run_chunks(cfg: JobConfig, job: _Job, out: Path, progress: bool
                 ) -> tuple[list[dict[str, Any]], int, float]:
     from tqdm.auto import tqdm
 
+    rank, world = _world()
     chunks = cfg.chunks
-    several = len(chunks) > 1
+    several = len(chunks) > 1 or world > 1  # several processes meet through the chunk files
     chunk_dir = out / "chunks"
     if several:
         chunk_dir.mkdir(exist_ok=True)
-    parts: list[dict[str, Any]] = []
+    parts: dict[int, dict[str, Any]] = {}
     resumed = 0
     t0 = time.perf_counter()
-    with tqdm(total=len(chunks), desc="chunks", disable=not (progress and several),
+    mine = [i for i in range(len(chunks)) if i % world == rank]
+    with tqdm(total=len(mine), desc="chunks", disable=not (progress and several),
               file=sys.stderr, leave=False) as bar:
-        for i, rows in enumerate(chunks):
+        for i in mine:
+            rows = chunks[i]
             path = chunk_dir / f"chunk-{i:04d}.pt"
             part = _load_chunk(path, cfg, rows) if several and path.exists() else None
             if part is not None:
@@ -752,9 +813,22 @@ def _run_chunks(cfg: JobConfig, job: _Job, out: Path, progress: bool
                 if several:
                     part["fingerprint"] = cfg.fingerprint()
                     _save_atomic(part, path)
-            parts.append(part)
+            parts[i] = part
             bar.update(1)
-    return parts, resumed, t0
+    if world > 1:
+        import torch.distributed as dist
+
+        count = torch.tensor([resumed])
+        dist.all_reduce(count)  # also the barrier: every chunk file is written
+        resumed = int(count)
+        if rank == 0:
+            for i, rows in enumerate(chunks):
+                if i not in parts:
+                    parts[i] = _load_chunk(chunk_dir / f"chunk-{i:04d}.pt", cfg, rows)
+                    if parts[i] is None:
+                        raise RuntimeError(f"pathsmc sample: chunk {i} of rank {i % world} is "
+                                           f"missing or unreadable in {chunk_dir}")
+    return [parts[i] for i in sorted(parts)], resumed, t0
 
 
 def _save_npz(result: dict[str, Any], path: Path) -> None:
