@@ -423,6 +423,10 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
             f.adaptive_resample(*q(64, 1 << 16, 2), [("vs_eager", 5.0)], gpu_t),
             f.mala_accept(*q(64, 1 << 16, 16)),
             f.replica_swap(*q(32, 1 << 15, 64)),
+            # A handful of images (16 particles of 3×256×256): the segmented long-row kernels.
+            f.em_step(1, *q(1, 16, 3 * 256 * 256)),
+            f.kernel_logpdf(*q(1, 16, 3 * 256 * 256)),
+            f.mala_accept(*q(1, 16, 3 * 256 * 256)),
         ]
     return cases
 
