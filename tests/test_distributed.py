@@ -77,6 +77,9 @@ def _worker(rank: int, world: int, folder: str) -> None:
     out["resample_all"] = dops.adaptive_resample(states, local(global_logw(world), rank),
                                                  threshold=1.0, scheme="residual",
                                                  generator=gen)
+    out["resample_global"] = dops.resample(local(global_logw(world), rank), "stratified",
+                                           num_samples=2 * world * N_LOCAL + 1,
+                                           generator=torch.Generator().manual_seed(12))
     # Mismatched shapes are refused on every rank before the loop.
     mix = GaussianMixture(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [1.5]]),
                           torch.tensor([[0.3], [0.5]]))
@@ -185,6 +188,14 @@ def test_adaptive_resample_is_the_global_one(ranks, case: str) -> None:
     for out in outs:
         assert bool((out[case][2][1] < N_LOCAL).all())
     assert not bool(want_mask[4])  # all-dead rows keep their particles
+
+
+def test_resample_gives_global_ancestors(ranks) -> None:
+    world, outs = ranks
+    want = ops.resample(global_logw(world), "stratified", num_samples=2 * world * N_LOCAL + 1,
+                        generator=torch.Generator().manual_seed(12))
+    for out in outs:
+        assert torch.equal(out["resample_global"], want)
 
 
 def test_mismatched_shapes_are_refused_on_every_rank(ranks) -> None:

@@ -146,6 +146,33 @@ class DistributedOps:
         """``log Ẑ = logsumexp(logw) − log N`` per row over the global population ``(B,)``."""
         return self.normalize(logw)[1]
 
+    def resample(self, logw: torch.Tensor, scheme: str = "systematic",
+                 num_samples: int | None = None, uniforms: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """:func:`pathsmc.ops.resample` over the global population: ``(B, M)`` ancestors as
+        global particle indices (M = ``num_samples``, default the global N), the same on
+        every rank (rank 0 draws with ``uniforms`` / ``generator`` and broadcasts)."""
+        if logw.dim() != 2:
+            raise ValueError(f"logw: expected (B, N_local), got shape {tuple(logw.shape)}")
+        if self.world_size == 1:
+            return self.base.resample(logw, scheme, num_samples, uniforms, generator)
+        full = self._gather_to_root(logw)
+        b, n = logw.shape[0], logw.shape[1] * self.world_size
+        m = n if num_samples is None else int(num_samples)
+        if self.rank == 0:
+            anc = self.base.resample(full, scheme, m, uniforms, generator).contiguous()
+        else:
+            anc = torch.empty(b, m, dtype=torch.int64, device=logw.device)
+        return self._broadcast(anc)
+
+    def _gather_to_root(self, t: torch.Tensor) -> torch.Tensor | None:
+        """``(B, N_local, ...)`` of every rank concatenated on rank 0 (None elsewhere)."""
+        send = t.contiguous()
+        parts = [torch.empty_like(send) for _ in range(self.world_size)] if self.rank == 0 \
+            else None
+        dist.gather(send, parts, dst=self._root, group=self.group)
+        return torch.cat(parts, dim=1) if self.rank == 0 else None
+
     def adaptive_resample(
         self,
         states: Sequence[torch.Tensor],
@@ -170,14 +197,10 @@ class DistributedOps:
         n = n_local * self.world_size
         # Rank 0 gathers the weights, decides and draws, and sends each rank its slice of the
         # ancestors with the row mask and the rows' log Ẑ (as int64 bits) in one message.
-        send = logw.contiguous()
-        parts = [torch.empty_like(send) for _ in range(self.world_size)] if self.rank == 0 \
-            else None
-        dist.gather(send, parts, dst=self._root, group=self.group)
+        full = self._gather_to_root(logw)
         mine = torch.empty(b, n_local + 2, dtype=torch.int64, device=logw.device)
         chunks = None
         if self.rank == 0:
-            full = torch.cat(parts, dim=1)
             index = torch.arange(n, device=logw.device).expand(b, n)
             _, new_full, anc, mask = self.base.adaptive_resample(
                 [index], full, threshold=threshold, scheme=scheme, uniforms=uniforms,
