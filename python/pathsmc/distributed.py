@@ -134,8 +134,10 @@ class DistributedOps:
         every rank takes the same step (arguments as there)."""
         from pathsmc.samplers import next_temperature
 
-        full = [self._gather_rows(t) for t in (log_target, log_ref)]
-        full_logw = None if logw is None else self._gather_rows(logw)
+        if self.world_size == 1:
+            return next_temperature(beta, log_target, log_ref, logw, **kwargs)
+        full = [self._gather_to_root(t) for t in (log_target, log_ref)]
+        full_logw = None if logw is None else self._gather_to_root(logw)
         if self.rank == 0:
             new_beta = next_temperature(beta, *full, full_logw, **kwargs).contiguous()
         else:
