@@ -40,7 +40,15 @@ import torch.distributed as dist
 
 from pathsmc import ops as fused_ops
 from pathsmc.samplers import AnnealedSMCResult
-from pathsmc.smc import FeynmanKacModel, SMCResult, _check_run_args, _dead_rows, _progress, _run
+from pathsmc.smc import (
+    FeynmanKacModel,
+    SMCResult,
+    _check_run_args,
+    _dead_rows,
+    _progress,
+    _run,
+    weights_from_log_norm,
+)
 from pathsmc.tempering import ParallelTempering, PTResult
 
 __all__ = ["DistributedOps", "DistributedParallelTempering", "DistributedSMCResult",
@@ -77,13 +85,9 @@ class DistributedOps:
     def _gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """``(B, N_local, ...)`` on every rank -> ``(B, N, ...)``, rank-major along dim 1."""
         send = t.contiguous()
-        as_bytes = send.dtype == torch.bool  # gloo has no bool reductions or gathers
-        if as_bytes:
-            send = send.to(torch.uint8)
         parts = [torch.empty_like(send) for _ in range(self.world_size)]
         dist.all_gather(parts, send, group=self.group)
-        out = torch.cat(parts, dim=1)
-        return out.bool() if as_bytes else out
+        return torch.cat(parts, dim=1)
 
     @property
     def _root(self) -> int:
@@ -258,9 +262,7 @@ class DistributedSMCResult(SMCResult):
     @property
     def weights(self) -> torch.Tensor:
         """This rank's normalized weights ``(B, N_local)`` (normalized over all ranks)."""
-        lw = torch.nan_to_num(self.logw.double(), nan=-math.inf)
-        norm = self.global_log_norm.unsqueeze(-1)
-        return torch.where(torch.isneginf(norm), 0.0, (lw - norm).exp())
+        return weights_from_log_norm(self.logw, self.global_log_norm)
 
 
 def smc(

@@ -78,7 +78,7 @@ import torch
 
 from pathsmc import ops
 from pathsmc import ops as _fused_ops
-from pathsmc.smc import _dead_rows, _progress
+from pathsmc.smc import _dead_rows, _progress, weights_from_log_norm
 from pathsmc.targets.boltzmann import DiagonalGaussian
 
 __all__ = [
@@ -213,9 +213,7 @@ class AnnealedSMCResult:
         when :attr:`population`, the global N of a distributed run, is set)."""
         if self.population is None:
             return ops.normalize(self.logw)[0].exp()
-        lw = torch.nan_to_num(self.logw.double(), nan=-math.inf)
-        norm = (self.log_z.double() + math.log(self.population)).unsqueeze(-1)
-        return torch.where(torch.isneginf(norm), 0.0, (lw - norm).exp())
+        return weights_from_log_norm(self.logw, self.log_z + math.log(self.population))
 
     def schedule(self, row: int = 0) -> torch.Tensor:
         """The β schedule of one row, from 0 up to its first β = 1, on the CPU."""

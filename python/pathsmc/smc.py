@@ -287,6 +287,15 @@ def _check_step_output(states: Sequence[torch.Tensor], logw: torch.Tensor, b: in
                              f"({b}, {n}, ...)")
 
 
+def weights_from_log_norm(logw: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
+    """``exp(logw − log_norm)`` per row in float64: weights normalized by a row normalizer
+    computed elsewhere (over every rank's particles in a distributed run). NaN weights and
+    all-dead rows (``log_norm = −inf``) give 0."""
+    lw = torch.nan_to_num(logw.double(), nan=-math.inf)
+    norm = log_norm.double().unsqueeze(-1)
+    return torch.where(torch.isneginf(norm), 0.0, (lw - norm).exp())
+
+
 def _dead_rows(ess_hist: torch.Tensor) -> dict[int, int]:
     """{row: first step with ESS 0}, read once at the end of the run."""
     dead = (ess_hist == 0).cpu()
