@@ -11,7 +11,10 @@ PIP    := $(VPY) -m pip install --disable-pip-version-check -q
 # Packages the build and the tests need, and optional ones (plots, lint); only the missing ones
 # are installed (GPU hosts are offline: a missing optional package only warns there).
 NEEDED   := scikit_build_core pybind11 ninja pytest numpy tqdm
-OPTIONAL := matplotlib ruff
+OPTIONAL := matplotlib ruff rich
+# The real-model clients (pathsmc.integrations): installed when missing; tests that need one
+# skip with a reason where it cannot be installed (offline GPU hosts carry their wheels).
+EXTRAS   := diffusers transformers safetensors sklearn
 
 CUDA_VENV := .venv-cuda
 CUDA_VPY  := $(CUDA_VENV)/bin/python
@@ -58,6 +61,11 @@ $(DEPS):
 	@for m in $(OPTIONAL); do $(VPY) -c "import $$m" 2>/dev/null || opt="$$opt $$m"; done; \
 	 if [ -n "$$opt" ]; then \
 	   $(PIP) $$opt || echo "make: optional$$opt not installed (no plots / no lint)"; \
+	 fi
+	@for m in $(EXTRAS); do $(VPY) -c "import $$m" 2>/dev/null || ext="$$ext $$m"; done; \
+	 if [ -n "$$ext" ]; then \
+	   $(PIP) $$(echo $$ext | sed 's/sklearn/scikit-learn/') || \
+	     echo "make: extras$$ext not installed (their tests skip; carry wheels on offline hosts)"; \
 	 fi
 	@$(VPY) -c "import cmake" 2>/dev/null || cmake --version | grep -q "version [4-9]" || $(PIP) "cmake>=4"
 	@touch $@
