@@ -2,7 +2,7 @@
 
 A mixture ``p(x) = Σ_k π_k N(x; μ_k, Σ_k)`` in any dimension D, batched over leading dims of
 ``x``. Under a diffusion schedule with ``X_t = m(t) X_0 + sqrt(v(t)) ε`` (VP or VE,
-:mod:`pathsmc.diffusion`) the marginal at time t is again a mixture with components
+:mod:`pathsmc.schedules`) the marginal at time t is again a mixture with components
 ``N(m μ_k, m² Σ_k + v I)`` (:meth:`GaussianMixture.diffused`), so scores, log-densities and the
 posterior mean E[X_0 | X_t] (Tweedie) are exact at every t.
 
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 if TYPE_CHECKING:
-    from pathsmc.diffusion import VESchedule, VPSchedule
+    from pathsmc.schedules import VESchedule, VPSchedule
 
 __all__ = [
     "GaussianMixture",
