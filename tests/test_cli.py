@@ -160,8 +160,11 @@ def test_resume_skips_done_chunks(tmp_path, capsys, monkeypatch) -> None:
         return original(cfg_, job, index, start, stop, progress)
 
     monkeypatch.setattr(sample_module, "_run_chunk", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run("--config", cfg, "--out", out)
+    capsys.readouterr()
+    assert run("--config", cfg, "--out", out) == 130  # Ctrl-C: a message, not a trace
+    err = capsys.readouterr().err
+    assert "interrupted: 1/3 chunks saved; rerun to resume" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert calls == [0]
     assert (out / "chunks" / "chunk-0000.pt").is_file()
     assert not (out / "chunks" / "chunk-0001.pt").exists()
@@ -336,6 +339,58 @@ def test_bad_config_files(tmp_path, capsys) -> None:
     no_out = write_config(tmp_path, small(example_config()), name="no_out.json")
     assert run("--config", no_out) == 2
     assert "out" in capsys.readouterr().err
+
+
+# ---- the command line's manners: errors, devices, folders, help ----
+
+
+def test_user_error_names_the_function(tmp_path, capsys) -> None:
+    """An exception in the user's model prints a few lines naming the function; --debug
+    gives the full traceback (the exception propagates)."""
+    (tmp_path / "broken_model.py").write_text(
+        "def score(x, t):\n    raise ValueError('my model is broken')\n")
+    cfg = write_config(tmp_path, small(example_config(), model={"path": "broken_model:score",
+                                                               "prediction": "score"},
+                                       pythonpath=[str(EXAMPLES), str(tmp_path)]))
+    assert run("--config", cfg, "--out", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert "score()" in err and "broken_model.py" in err and "my model is broken" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 4, err
+    with pytest.raises(ValueError, match="my model is broken"):
+        run("--config", cfg, "--out", tmp_path / "o2", "--debug")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_without_cuda_is_refused_before_any_work(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        main(["demo", "--device", "cuda", "--out", str(tmp_path / "d")])
+    cfg = write_config(tmp_path, small(example_config(), device="cuda"))
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        run("--config", cfg, "--out", tmp_path / "o")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
+
+
+def test_out_that_is_a_file_is_an_error(tmp_path) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        main(["demo", "--out", str(a_file)])
+    cfg = write_config(tmp_path, small(example_config()))
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        run("--config", cfg, "--out", a_file)
+
+
+def test_python_m_version_and_help_defaults() -> None:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    out = subprocess.run([sys.executable, "-m", "pathsmc", "--version"], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    assert out.strip() == "pathsmc " + __import__("pathsmc").__version__
+    helptext = subprocess.run([sys.executable, "-m", "pathsmc", "demo", "--help"],
+                              capture_output=True, text=True, env=env, check=True).stdout
+    assert "(default: 1024)" in " ".join(helptext.split())
 
 
 def test_load_config_defaults() -> None:

@@ -4,18 +4,27 @@ own steering job from a config file) and ``pathsmc info``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 _STEER_MODES = ("reward", "temper", "product", "twisted", "uncorrected")
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from pathsmc import __version__
+
     parser = argparse.ArgumentParser(
         prog="pathsmc",
         description="Path-space SMC and replica exchange with fused PyTorch kernels.",
+        formatter_class=_FORMATTER,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"pathsmc {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full Python traceback of an error")
+    sub = _Subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     demo = sub.add_parser(
         "demo",
@@ -35,13 +44,13 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     demo.add_argument("--out", default="out", help="folder for the PNGs")
     demo.add_argument("--modes", default=",".join(_STEER_MODES),
-                      help="comma-separated steering modes of the table (default: all)")
+                      help="comma-separated steering modes of the table")
     demo.add_argument("--twist", choices=("value", "tweedie"), default="value",
                       help="intermediate potential of the hand-written loop: the exact soft "
-                           "value (default) or the reward at the denoised mean")
+                           "value or the reward at the denoised mean")
     demo.add_argument("--threads", type=int, default=1,
-                      help="torch intra-op threads (default 1: these small problems run "
-                           "fastest on one; results do not depend on it; 0: torch's default)")
+                      help="torch intra-op threads (these small problems run fastest on one; "
+                           "results do not depend on it; 0: as torch chooses)")
     demo.add_argument("--no-plot", action="store_true", help="do not write the PNGs")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -75,15 +84,125 @@ def _build_parser() -> argparse.ArgumentParser:
     samplers.add_argument("--device", default="cpu", help="torch device")
     samplers.add_argument("--no-pt", action="store_true", help="skip parallel tempering")
     samplers.add_argument("--threads", type=int, default=1,
-                          help="torch threads on CPU (0: torch's default)")
+                          help="torch threads on CPU (0: as torch chooses)")
 
     sub.add_parser("info", help="print how the extension was built")
     return parser
 
 
+class _FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except empty ones (None, False) and those its
+    help text already states."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Subcommands:
+    """``add_parser`` with the defaults shown in ``--help`` and a ``--debug`` flag that does
+    not overwrite the top-level one (``pathsmc --debug sample`` and ``pathsmc sample --debug``
+    both work)."""
+
+    def __init__(self, action: argparse._SubParsersAction) -> None:
+        self._action = action
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        kwargs.setdefault("formatter_class", _FORMATTER)
+        parser = self._action.add_parser(name, **kwargs)
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="show the full Python traceback of an error")
+        return parser
+
+
+def _check_device(command: str, device: str) -> None:
+    """Refuse a CUDA device on a machine without one before any work is done."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise SystemExit(f"pathsmc {command}: --device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"pathsmc {command}: device {device!r} was asked for but CUDA is not "
+                         f"available on this machine (torch {torch.__version__}, "
+                         f"built with CUDA: {torch.version.cuda or 'no'}); use --device cpu")
+
+
+def _check_out(command: str, out: str | os.PathLike | None) -> None:
+    """An output folder that is an existing file is an error (before any work)."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise SystemExit(f"pathsmc {command}: --out: {str(out)!r} is a file, not a folder")
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _user_frame(tb) -> traceback.FrameSummary | None:
+    """The innermost traceback frame outside pathsmc, torch and the standard library: the
+    user's function that raised."""
+    skip = [str(_PACKAGE_DIR), os.path.dirname(os.__file__)]
+    try:
+        import torch
+
+        skip.append(os.path.dirname(torch.__file__))
+    except ImportError:  # pragma: no cover
+        pass
+    frames = [f for f in traceback.extract_tb(tb)
+              if not any(os.path.abspath(f.filename).startswith(d) for d in skip)]
+    return frames[-1] if frames else None
+
+
+def _report_error(command: str, exc: BaseException) -> int:
+    """A few lines about an error (from the user's code or ours) instead of a full trace."""
+    frame = _user_frame(exc.__traceback__)
+    where = (f" in your function {frame.name}() ({frame.filename}:{frame.lineno})"
+             if frame is not None else "")
+    print(f"pathsmc {command}: error{where}:\n  {type(exc).__name__}: {exc}\n"
+          f"(rerun with --debug for the full traceback)", file=sys.stderr)
+    return 1
+
+
+def _chunks_saved(config: str, out: str | None) -> tuple[int, int] | None:
+    """(chunk files written, chunks) of a ``pathsmc sample`` job, or None if unknown."""
+    try:
+        from pathsmc.sample import load_config
+
+        cfg = load_config(config)
+        folder = Path(out) if out is not None else cfg.source.parent / cfg.out
+        total = len(cfg.chunks)
+        done = len(list((folder / "chunks").glob("chunk-*.pt"))) if total > 1 else 0
+        return min(done, total), total
+    except Exception:  # the message is a courtesy: never mask the interrupt
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pathsmc`` console script; returns the exit code."""
     args = _build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        return _dispatch(args)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        if args.command == "sample":
+            saved = _chunks_saved(args.config, args.out)
+            done = f"{saved[0]}/{saved[1]}" if saved else "the finished"
+            print(f"\ninterrupted: {done} chunks saved; rerun to resume", file=sys.stderr)
+        else:
+            print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        return _report_error(args.command, exc)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand."""
+    if args.command in ("demo", "samplers") and hasattr(args, "device"):
+        _check_device(args.command, args.device)
+    if args.command in ("demo", "sample") and hasattr(args, "out"):
+        _check_out(args.command, args.out)
     if args.command == "demo":
         for name in ("particles", "steps", "runs"):
             if getattr(args, name) < 1:
@@ -102,9 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         plot=not args.no_plot, progress=not args.no_progress,
                         twist=args.twist, modes=modes, threads=args.threads or None)
     if args.command == "sample":
-        from pathsmc.sample import ConfigError, ResultsExistError, run_sample
+        from pathsmc.sample import ConfigError, ResultsExistError, load_config, run_sample
 
         try:
+            cfg = load_config(args.config)
+            _check_device("sample", cfg.device)
+            _check_out("sample", args.out if args.out is not None or cfg.out is None
+                       else cfg.source.parent / cfg.out)
             return run_sample(args.config, out=args.out, force=args.force,
                               progress=not args.no_progress)
         except (ConfigError, ResultsExistError) as exc:
