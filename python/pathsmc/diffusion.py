@@ -704,6 +704,15 @@ def steering_model(
     it to :func:`pathsmc.smc.smc` yourself. ``threshold`` must then be 0 for
     ``"uncorrected"`` (its ``weighted`` attribute is False), as :func:`steer` does.
     """
+    if getattr(model, "is_discrete_chain", False) or (
+            isinstance(model, (list, tuple)) and model
+            and getattr(model[0], "is_discrete_chain", False)):
+        # diffusers chains: weighted with the scheduler's exact kernels (integrations)
+        from pathsmc.integrations.diffusers import chain_steering_model
+        return chain_steering_model(
+            model, mode, steps=steps, reward=reward, potential=potential, value=value,
+            beta=beta, guidance=guidance, weighting=weighting, device=device, dtype=dtype,
+            ops=ops, dim=dim, potential_every=potential_every, t_end=t_end, times=times)
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     models = [model] if isinstance(model, DiffusionModel) else list(model)
