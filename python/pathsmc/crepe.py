@@ -122,7 +122,7 @@ Example (tempering a scores-only mixture model, β = 1/2)::
     ...                       torch.tensor([[0.3], [0.5]]))
     >>> exact = DiffusionModel.from_mixture(mix, VPSchedule())
     >>> model = DiffusionModel(exact.fn, VPSchedule(), dim=1)   # scores only
-    >>> res = crepe(model, beta=0.5, num_levels=10, max_step=0.01, num_chains=512,
+    >>> res = crepe(model, beta=0.5, num_levels=10, max_step=0.01, particles=512,
     ...             burn_in=80, adapt_times=1, rounds=160, seed=1)
     >>> res.samples.shape          # (rounds, B, C, D): level-0 states of the recorded rounds
     torch.Size([160, 1, 512, 1])
@@ -156,6 +156,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pathsmc._deprecation import renamed_argument
 from pathsmc.diffusion import DiffusionModel, ReverseEM, model_exponents
 from pathsmc.smc import _progress
 from pathsmc.tempering import optimal_schedule
@@ -348,15 +349,18 @@ class CREPE:
         weighting: ``"path"`` (default): the marginal ratios of the swap acceptance come from
             the path RND (scores only); ``"density"``: from the models' exact ``log_prob``
             (then the acceptance is exact for any step size; for test targets).
-        num_levels: K >= 2 (ignored when ``times`` is given).
-        times: level times ``(K,)``, strictly increasing from 0 to 1 (default
-            :func:`default_times`).
+        num_levels: K >= 2 (ignored when ``level_times`` is given).
+        level_times: diffusion times of the levels ``(K,)``, strictly increasing from 0 (data)
+            to 1 (noise) — the opposite direction of :func:`pathsmc.diffusion.steer`'s time
+            grid, hence the distinct name (default :func:`default_times`).
         max_step: the largest EM step (in t) of the paths; the path between ``t_k`` and
             ``t_{k+1}`` takes ``max(substeps, ⌈(t_{k+1} − t_k)/max_step⌉)`` equal steps.
         substeps: the fewest EM steps of a path between adjacent levels.
-        num_chains: C independent CREPE systems per problem.
-        num_problems: B (per-problem conditions go in the models' ``condition`` and in
-            ``reward``, which see states ``(B, C, D)``).
+        particles: C independent CREPE systems per problem (default 64).
+        batch: B problems (per-problem conditions go in the models' ``condition`` and in
+            ``reward``, which see states ``(B, C, D)``; default 1).
+        times, num_chains, num_problems: deprecated names of ``level_times``, ``particles``
+            and ``batch``.
         dim: D (default: the first model's ``dim``).
         swap: ``"deo"`` (deterministic even/odd, non-reversible; default) or ``"seo"``
             (random parity).
@@ -379,11 +383,11 @@ class CREPE:
         reward: Callable[[torch.Tensor], torch.Tensor] | None = None,
         weighting: str = "path",
         num_levels: int = 8,
-        times: Sequence[float] | None = None,
+        level_times: Sequence[float] | None = None,
         max_step: float = 0.01,
         substeps: int = 1,
-        num_chains: int = 64,
-        num_problems: int = 1,
+        particles: int | None = None,
+        batch: int | None = None,
         dim: int | None = None,
         swap: str = "deo",
         exact_top: bool | None = None,
@@ -392,7 +396,14 @@ class CREPE:
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
         ops: Any = None,
+        times: Sequence[float] | None = None,
+        num_chains: int | None = None,
+        num_problems: int | None = None,
     ) -> None:
+        level_times = renamed_argument("CREPE", "level_times", level_times, "times", times, None)
+        num_chains = renamed_argument("CREPE", "particles", particles, "num_chains", num_chains,
+                                      64)
+        num_problems = renamed_argument("CREPE", "batch", batch, "num_problems", num_problems, 1)
         models = [model] if isinstance(model, DiffusionModel) else list(model)
         if not models or not all(isinstance(m, DiffusionModel) for m in models):
             raise TypeError("model: expected a DiffusionModel or a non-empty sequence of them")
@@ -421,7 +432,7 @@ class CREPE:
             raise ValueError(f"swap: expected one of {_SWAPS}, got {swap!r}")
         self.swap = swap
         if int(substeps) < 1 or int(num_chains) < 1 or int(num_problems) < 1:
-            raise ValueError("substeps, num_chains and num_problems must be >= 1")
+            raise ValueError("substeps, particles and batch must be >= 1")
         if not 0.0 < float(max_step) <= 1.0:
             raise ValueError(f"max_step: expected 0 < max_step <= 1, got {max_step}")
         self.min_substeps, self.max_step = int(substeps), float(max_step)
@@ -451,7 +462,8 @@ class CREPE:
         self.model_evals = 0
         self.log_prob_calls = 0
         self.round_count = 0
-        self.set_times(default_times(num_levels, self.schedule) if times is None else times)
+        self.set_times(default_times(num_levels, self.schedule) if level_times is None
+                       else level_times)
         k = self.K
         if init is None:
             self._init_states()
@@ -820,7 +832,7 @@ def crepe(
     """Run CREPE: build a :class:`CREPE` sampler and :meth:`~CREPE.run` it.
 
     ``kwargs`` go to :class:`CREPE` (``beta``, ``reward``, ``weighting``, ``num_levels``,
-    ``times``, ``max_step``, ``substeps``, ``num_chains``, ``num_problems``, ``swap``,
+    ``level_times``, ``max_step``, ``substeps``, ``particles``, ``batch``, ``swap``,
     ``exact_top``, ``init``, ``dtype``, ``device``, ``generator``, ``ops``); ``seed`` creates
     ``generator`` on ``device`` when that is not given; ``rounds``, ``burn_in``,
     ``adapt_times``, ``record_all`` and ``progress`` go to :meth:`CREPE.run`. Returns the

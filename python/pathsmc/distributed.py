@@ -340,8 +340,8 @@ def annealed_smc(target, particles: int, batch: int = 1, *,
 
 class DistributedParallelTempering(ParallelTempering):
     """:class:`pathsmc.tempering.ParallelTempering` with its chain columns split across the
-    ranks of ``group``: each rank runs ``num_chains`` columns (all K levels of each) and the
-    run has ``world_size · num_chains``.
+    ranks of ``group``: each rank runs ``particles`` columns (all K levels of each) and the
+    run has ``world_size · particles``.
 
     A column is an independent PT system, so scans need no communication; at each round's end
     (where the single-process sampler reads its statistics anyway) the per-column sums are
@@ -365,7 +365,7 @@ class DistributedParallelTempering(ParallelTempering):
                                group=group)
         if any(x != shapes[0] for x in shapes):
             raise ValueError("DistributedParallelTempering: every rank must use the same "
-                             f"(num_problems, num_chains, num_levels, swap, local_steps); "
+                             f"(batch, particles, num_levels, swap, local_steps); "
                              f"got {shapes}")
 
     def _gather_columns(self, t: torch.Tensor, lead: int) -> torch.Tensor:

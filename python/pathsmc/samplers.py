@@ -14,7 +14,7 @@ Path: the geometric bridge ``π_β ∝ ref^{1−β} · γ^β`` from a normalized
      adaptive (weights not uniform before the step).
    - ``"ess"``: the ESS of the incremental weights alone, ``(Σ w_i)² / (N Σ w_i²)``, as in
      BlackJAX's and ``particles``' adaptive tempering, which resample every step (the two
-     criteria coincide when the current weights are uniform: use ``resample_threshold=1``
+     criteria coincide when the current weights are uniform: use ``threshold=1``
      to get that algorithm exactly).
 
    Both are non-increasing in δ (with ``u = log γ − log ref``, their log-derivative is
@@ -26,7 +26,7 @@ Path: the geometric bridge ``π_β ∝ ref^{1−β} · γ^β`` from a normalized
 2. **Reweighting** by the incremental weight ``(β' − β)(log γ(x) − log ref(x))``
    (:func:`incremental_log_weight`), accumulated in float64.
 3. **Resampling** with :func:`pathsmc.ops.adaptive_resample` (rows with ESS < threshold·N;
-   ``resample_threshold >= 1`` resamples every step). Resampled rows reset their weights to
+   ``threshold >= 1`` resamples every step). Resampled rows reset their weights to
    their running log Ẑ, so ``log Ẑ = logsumexp(logw) − log N`` at the end (DESIGN.md).
    (The waste-free variant, below, replaces steps 3 and 4.)
 4. **MALA moves** targeting π_β', ``mcmc_steps`` per temperature: the proposal
@@ -78,6 +78,8 @@ import torch
 
 from pathsmc import ops
 from pathsmc import ops as _fused_ops
+from pathsmc._deprecation import renamed_argument
+from pathsmc.diagnostics import collapse_messages, warn_collapse
 from pathsmc.smc import _dead_rows, _progress, weights_from_log_norm
 from pathsmc.targets.boltzmann import DiagonalGaussian
 
@@ -191,6 +193,9 @@ class AnnealedSMCResult:
         dead_rows: ``{row: first step at which all its particles were dead}``.
         population: the global N of a distributed run (:func:`pathsmc.distributed.annealed_smc`;
             ``particles`` and ``logw`` are then this rank's), else None.
+        warnings: the collapse diagnostics (:mod:`pathsmc.diagnostics`: ESS below a few
+            particles, non-finite log Ẑ), also raised as one
+            :class:`pathsmc.diagnostics.CollapseWarning`; empty when the run looks sound.
     """
 
     particles: torch.Tensor
@@ -206,6 +211,7 @@ class AnnealedSMCResult:
     target_evals: float
     dead_rows: dict[int, int] = field(default_factory=dict)
     population: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -242,6 +248,8 @@ class AnnealedSMCResult:
         if self.dead_rows:
             shown = ", ".join(f"row {r} at step {s}" for r, s in list(self.dead_rows.items())[:8])
             lines.append(f"  DEAD ROWS ({len(self.dead_rows)}): {shown}")
+        for w in self.warnings:
+            lines.append(f"  WARNING: {w}")
         return "\n".join(lines)
 
 
@@ -271,7 +279,7 @@ def annealed_smc(
     criterion: str = "cess",
     target_ess: float = 0.9,
     bisection_iterations: int = 24,
-    resample_threshold: float = 0.5,
+    threshold: float | None = None,
     scheme: str = "systematic",
     mcmc_steps: int | None = None,
     waste_free: bool = False,
@@ -288,6 +296,7 @@ def annealed_smc(
     progress: bool | None = None,
     desc: str = "annealed smc",
     ops=None,
+    resample_threshold: float | None = None,
 ) -> AnnealedSMCResult:
     """Adaptive annealed SMC from ``reference`` to ``target``; log Ẑ per row.
 
@@ -303,7 +312,7 @@ def annealed_smc(
         target_ess: fraction of N the criterion keeps at each step (default 0.9; lower values
             take fewer, larger steps and give noisier log Ẑ per target evaluation).
         bisection_iterations: fixed number of bisection iterations per step.
-        resample_threshold: resample a row when its ESS < threshold·N (>= 1: every step).
+        threshold: resample a row when its ESS < threshold·N (>= 1: every step; default 0.5).
         scheme: resampling scheme of :func:`pathsmc.ops.adaptive_resample` (waste-free:
             of :func:`pathsmc.ops.resample` drawing the M ancestors).
         mcmc_steps: MALA moves per temperature (default 4; 0: plain annealed importance
@@ -311,7 +320,7 @@ def annealed_smc(
             equal to that).
         waste_free: the waste-free variant of Dau & Chopin (2022), see the module docstring:
             each step resamples M = N / P ancestors and keeps every state of their MALA chains
-            of length P (``resample_threshold`` is then not used: resampling is every step).
+            of length P (``threshold`` is then not used: resampling is every step).
         chain_length: P, a divisor of N, at least 2 (waste-free only; default: the largest
             divisor of N that is at most ``min(64, N // 64)``).
         step_size: initial MALA step h, a float or ``(B,)`` (default
@@ -335,7 +344,10 @@ def annealed_smc(
             :class:`pathsmc.distributed.DistributedOps` does to run the population across
             ranks (:func:`pathsmc.distributed.annealed_smc`). The MALA moves always use the
             fused ops on the local particles.
+        resample_threshold: deprecated name of ``threshold``.
     """
+    threshold = renamed_argument("annealed_smc", "threshold", threshold,
+                                 "resample_threshold", resample_threshold, 0.5)
     ops = _fused_ops if ops is None else ops
     choose_beta = getattr(ops, "next_temperature", next_temperature)
     population_log_z = getattr(ops, "log_z", _log_z)
@@ -420,7 +432,7 @@ def annealed_smc(
                 res_h[k] = True
             else:
                 (x, lt, lr, gt), logw, _, res_h[k] = ops.adaptive_resample(
-                    [x, lt, lr, gt], logw, threshold=resample_threshold, scheme=scheme,
+                    [x, lt, lr, gt], logw, threshold=threshold, scheme=scheme,
                     generator=generator)
             beta = new_beta
             betas[k + 1] = beta
@@ -451,8 +463,13 @@ def annealed_smc(
                       "their log Ẑ is valid but noisy (raise max_steps)", RuntimeWarning,
                       stacklevel=2)
     evals = 1 + steps * moves / p  # B·M·moves evaluations per step, M = N / p
+    msgs = []
+    if steps > 0:  # one host read of (B,)-sized summaries, after the loop
+        msgs = collapse_messages(log_z.cpu(), ess_h.min(0).values.cpu(), ess_h[-1].cpu(), None,
+                                 logw.shape[-1])
+        warn_collapse("annealed_smc", msgs)
     return AnnealedSMCResult(x, logw, log_z, betas, ess_h, res_h, acc_h, step_h, num_steps,
-                             forced, evals, _dead_rows(ess_h))
+                             forced, evals, _dead_rows(ess_h), warnings=msgs)
 
 
 def _chain_length(n: int, chain_length: int | None, waste_free: bool) -> int:

@@ -87,6 +87,7 @@ import numpy as np
 import torch
 
 from pathsmc import ops
+from pathsmc._deprecation import renamed_argument
 from pathsmc.samplers import _eval, adapt_log_step, mala_step
 from pathsmc.smc import _progress
 
@@ -524,8 +525,9 @@ class ParallelTempering:
             ``sample(shape, generator)`` returning ``(*shape, D)`` for ``shape = (B, C)``,
             level 0 can be redrawn exactly (``reference_iid``).
         num_levels: K >= 2 (ignored when ``betas`` is given).
-        num_chains: C, independent PT systems per problem.
-        num_problems: B.
+        particles: C, independent PT systems (columns of K replicas) per problem.
+        batch: B independent problems (rows).
+        num_chains, num_problems: deprecated names of ``particles`` and ``batch``.
         dim: D (default: ``target.dim`` or ``reference.dim``).
         betas: initial schedule ``(K,)`` or ``(B, K)``, strictly increasing from 0 to 1
             (default: equally spaced).
@@ -552,8 +554,8 @@ class ParallelTempering:
         reference=None,
         *,
         num_levels: int = 16,
-        num_chains: int = 32,
-        num_problems: int = 1,
+        particles: int | None = None,
+        batch: int | None = None,
         dim: int | None = None,
         betas: torch.Tensor | np.ndarray | list[float] | None = None,
         step_size: float | torch.Tensor | None = None,
@@ -567,7 +569,13 @@ class ParallelTempering:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        num_chains: int | None = None,
+        num_problems: int | None = None,
     ) -> None:
+        num_chains = renamed_argument("ParallelTempering", "particles", particles,
+                                      "num_chains", num_chains, 32)
+        num_problems = renamed_argument("ParallelTempering", "batch", batch,
+                                        "num_problems", num_problems, 1)
         if dim is None:
             dim = getattr(target, "dim", None) or getattr(reference, "dim", None)
             if dim is None and init is not None:
@@ -587,7 +595,7 @@ class ParallelTempering:
         if swap not in _SWAPS:
             raise ValueError(f"swap: expected one of {_SWAPS}, got {swap!r}")
         if local_steps < 1 or num_chains < 1 or num_problems < 1:
-            raise ValueError("local_steps, num_chains and num_problems must be >= 1")
+            raise ValueError("local_steps, particles and batch must be >= 1")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
         self.swap, self.local_steps = swap, int(local_steps)
@@ -968,8 +976,8 @@ def parallel_tempering(
 ) -> PTResult:
     """Run non-reversible PT with schedule adaptation: ``rounds`` rounds of 1, 2, 4, ... scans.
 
-    ``kwargs`` go to :class:`ParallelTempering` (``num_levels``, ``num_chains``,
-    ``num_problems``, ``betas``, ``step_size``, ``local_steps``, ``swap``, ``reference_iid``,
+    ``kwargs`` go to :class:`ParallelTempering` (``num_levels``, ``particles``,
+    ``batch``, ``betas``, ``step_size``, ``local_steps``, ``swap``, ``reference_iid``,
     ``ref_log_z``, ``init``, ``dtype``, ``device``, ``generator``, ...). See :meth:`run` for
     the rest. Returns a :class:`PTResult` (the last round's estimates: ``log_z``, ``barrier``).
     """
