@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 
 from pathsmc import ops as fused_ops
+from pathsmc.diagnostics import collapse_messages, warn_collapse
 
 __all__ = ["CapturedSMC", "FeynmanKacModel", "SMCResult", "smc"]
 
@@ -64,6 +65,12 @@ class SMCResult:
         ess: ESS history ``(steps, B)``.
         resampled: resampling history ``(steps, B)`` bool.
         dead_rows: ``{row: first step at which all its particles were dead}``.
+        dead_particles: per row ``(B,)`` int64, how many particles died during the run (their
+            log-weight or the particles ``states[0]`` became non-finite: NaN / inf model or
+            reward output, or a −inf potential); None when the driver does not count them.
+        warnings: the collapse diagnostics of the run (:mod:`pathsmc.diagnostics`), also
+            raised as one :class:`pathsmc.diagnostics.CollapseWarning` and listed by
+            :meth:`summary`; empty when the run looks sound.
     """
 
     states: list[torch.Tensor]
@@ -72,6 +79,8 @@ class SMCResult:
     ess: torch.Tensor
     resampled: torch.Tensor
     dead_rows: dict[int, int] = field(default_factory=dict)
+    dead_particles: torch.Tensor | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def particles(self) -> torch.Tensor:
@@ -85,6 +94,11 @@ class SMCResult:
     @property
     def final_ess(self) -> torch.Tensor:
         return self.ess[-1]
+
+    @property
+    def min_ess(self) -> torch.Tensor:
+        """The lowest ESS of each row over the run ``(B,)``."""
+        return self.ess.min(0).values
 
     @property
     def num_resampled(self) -> torch.Tensor:
@@ -107,6 +121,11 @@ class SMCResult:
         if self.dead_rows:
             shown = ", ".join(f"row {r} at step {s}" for r, s in list(self.dead_rows.items())[:8])
             lines.append(f"  DEAD ROWS ({len(self.dead_rows)}): {shown}")
+        if self.dead_particles is not None and bool((self.dead_particles > 0).any()):
+            lines.append(f"  dead particles: {int(self.dead_particles.sum())} in "
+                         f"{int((self.dead_particles > 0).sum())} rows")
+        for w in self.warnings:
+            lines.append(f"  WARNING: {w}")
         return "\n".join(lines)
 
 
@@ -149,6 +168,11 @@ def smc(
             one (the capture runs the model twice); it checks that the model can be captured.
             For throughput keep a :class:`CapturedSMC` and call its ``run()`` repeatedly. CUDA
             only; no progress bar.
+
+    Returns:
+        :class:`SMCResult`. Collapse (a row's ESS below a few particles, a non-finite log Ẑ,
+        particles killed by non-finite output) is reported in ``result.warnings``,
+        ``result.dead_particles`` and one :class:`pathsmc.diagnostics.CollapseWarning`.
     """
     if cuda_graph:
         return CapturedSMC(model, particles, batch, threshold=threshold, scheme=scheme,
@@ -157,7 +181,9 @@ def smc(
     steps = _check_run_args(model, particles, batch)
     with _progress(steps, progress, desc) as bar:
         out = _run(model, particles, batch, steps, threshold, scheme, generator, ops, bar.update)
-    return _result(*out)
+    result = _result(*out)
+    warn_collapse(desc, result.warnings)
+    return result
 
 
 def _check_run_args(model: FeynmanKacModel, particles: int, batch: int) -> int:
@@ -172,33 +198,59 @@ def _check_run_args(model: FeynmanKacModel, particles: int, batch: int) -> int:
 def _run(model: FeynmanKacModel, particles: int, batch: int, steps: int, threshold: float,
          scheme: str, generator: torch.Generator | None, ops, tick=None):
     """The SMC loop: device work only, nothing read back (so it can be captured in a graph).
-    Runs the model's first ``steps`` steps; returns ``(states, logw, ess, resampled)``."""
+    Runs the model's first ``steps`` steps; returns ``(states, logw, ess, resampled, dead)``
+    with ``dead`` the number of particles per row that died (see :func:`_dead_now`)."""
     states, logw = model.init(batch, particles, generator)
     states = list(states)
     _check_step_output(states, logw, batch, particles, "init")
     device = logw.device
     ess_hist = torch.empty(steps, batch, dtype=torch.float64, device=device)
     res_hist = torch.zeros(steps, batch, dtype=torch.bool, device=device)
+    was_dead = _dead_now(states, logw)
+    dead_count = was_dead.sum(-1)
     last = int(model.num_steps)
     for k in range(steps):
         states, logw = model.step(k, states, logw, generator)
         states = list(states)
         if k == 0:
             _check_step_output(states, logw, batch, particles, "step")
+        dead = _dead_now(states, logw)
+        dead_count = dead_count + (dead & ~was_dead).sum(-1)  # deaths of this step only
         ess_hist[k] = ops.normalize(logw)[2]
         if k + 1 < last and threshold > 0:
             states, logw, _, res_hist[k] = ops.adaptive_resample(
                 states, logw, threshold=threshold, scheme=scheme, generator=generator)
+            dead = torch.where(res_hist[k].unsqueeze(-1), _dead_now(states, logw), dead)
+        was_dead = dead
         if tick is not None:
             tick(1)
-    return states, logw, ess_hist, res_hist
+    return states, logw, ess_hist, res_hist, dead_count
+
+
+def _dead_now(states: list[torch.Tensor], logw: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` bool: particles with a non-finite log-weight or non-finite coordinates
+    (device work only)."""
+    x = states[0]
+    dead = ~torch.isfinite(logw)
+    if x.is_floating_point():
+        dead = dead | ~torch.isfinite(x).reshape(x.shape[0], x.shape[1], -1).all(-1)
+    return dead
 
 
 def _result(states: list[torch.Tensor], logw: torch.Tensor, ess_hist: torch.Tensor,
-            res_hist: torch.Tensor) -> SMCResult:
+            res_hist: torch.Tensor, dead: torch.Tensor | None = None) -> SMCResult:
+    """The result with its diagnostics: one host read of the (B,)-sized summaries."""
     n = logw.shape[-1]
     log_z = torch.logsumexp(torch.nan_to_num(logw.double(), nan=-math.inf), -1) - math.log(n)
-    return SMCResult(states, logw, log_z, ess_hist, res_hist, _dead_rows(ess_hist))
+    dead_rows = _dead_rows(ess_hist)
+    x = states[0]
+    if x.is_floating_point():  # non-finite particles (a weightless run keeps logw = 0)
+        bad_x = (~torch.isfinite(x)).reshape(x.shape[0], x.shape[1], -1).any(-1).all(-1)
+        log_z = torch.where(bad_x, torch.nan, log_z)
+    lz, min_ess, fin_ess = (t.cpu() for t in (log_z, ess_hist.min(0).values, ess_hist[-1]))
+    dead_cpu = None if dead is None else dead.cpu()
+    msgs = collapse_messages(lz, min_ess, fin_ess, dead_cpu, n)
+    return SMCResult(states, logw, log_z, ess_hist, res_hist, dead_rows, dead_cpu, msgs)
 
 
 class CapturedSMC:
@@ -249,7 +301,7 @@ class CapturedSMC:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                _, logw, _, _ = _run(*args)  # the warm-up: one complete eager run
+                _, logw, _, _, _ = _run(*args)  # the warm-up: one complete eager run
             torch.cuda.current_stream().wait_stream(side)
             if logw.device != self.device:
                 raise ValueError(f"cuda_graph: the model's tensors are on {logw.device}, not "
@@ -270,8 +322,9 @@ class CapturedSMC:
     def run(self) -> SMCResult:
         """Replay the captured run; returns its result (copies, safe across replays)."""
         self.graph.replay()
-        states, logw, ess, res = self._out
-        return _result([s.clone() for s in states], logw.clone(), ess.clone(), res.clone())
+        states, logw, ess, res, dead = self._out
+        return _result([s.clone() for s in states], logw.clone(), ess.clone(), res.clone(),
+                       dead.clone())
 
 
 def _check_step_output(states: Sequence[torch.Tensor], logw: torch.Tensor, b: int, n: int,
