@@ -15,7 +15,7 @@ A model is any object with
 - ``step(k, states, logw, generator) -> (states, logw)``: move from step ``k`` to ``k + 1``
   (the proposal) and add the log-weight increment (path-RND weight and potential).
 
-Log-weights carry the evidence (DESIGN.md): resampling resets a row's weights to its log Ẑ, so
+Log-weights carry the evidence (docs/design.md): resampling resets a row's weights to its log Ẑ, so
 ``log Ẑ = logsumexp(logw) − log N`` after the last step, with no separate accumulator.
 """
 
@@ -112,7 +112,8 @@ class SMCResult:
         live = torch.isfinite(lz)
         lines = [
             f"SMC: {self.logw.shape[0]} rows × {n} particles, {self.ess.shape[0]} steps",
-            f"  log Ẑ: mean {lz[live].mean().item():.4f}, sd {lz[live].std().item():.4f} over "
+            f"  log Ẑ: mean {lz[live].mean().item():.4f}, sd "
+            f"{lz[live].std().item() if int(live.sum()) > 1 else math.nan:.4f} over "
             f"{int(live.sum())} live rows" if bool(live.any()) else "  log Ẑ: every row died",
             f"  ESS: final mean {self.final_ess.double().mean().item():.1f}/{n}, "
             f"min {self.ess.double().min().item():.1f}",
