@@ -14,12 +14,8 @@ import pytest
 import torch
 
 from pathsmc.smc import smc
-from pathsmc.targets.sequence import (
-    MarkovSequence,
-    TwistedSequenceSMC,
-    sample_categorical,
-    twisted_smc,
-)
+from pathsmc.targets.sequence import MarkovSequence, sample_categorical
+from pathsmc.twisted_sequence import TwistedSequenceSMC, twisted_smc
 
 
 @pytest.fixture(autouse=True)

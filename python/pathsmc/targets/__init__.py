@@ -28,7 +28,7 @@ from pathsmc.targets.gaussian_mixture import (
     mixture_product,
 )
 from pathsmc.targets.particle_systems import DoubleWell4, LennardJones13, ParticleSystem
-from pathsmc.targets.sequence import MarkovSequence, TwistedSequenceSMC, twisted_smc
+from pathsmc.targets.sequence import MarkovSequence
 
 __all__ = [
     "BoltzmannTarget",
@@ -46,9 +46,22 @@ __all__ = [
     "ParticleSystem",
     "TemperedPath1D",
     "Tilt",
-    "TwistedSequenceSMC",
     "default_2d",
     "geometric_product",
     "mixture_product",
-    "twisted_smc",
 ]
+
+
+def __getattr__(name: str):
+    """``TwistedSequenceSMC`` and ``twisted_smc`` moved to :mod:`pathsmc.twisted_sequence` (a
+    driver); importing them from here still works, lazily, so ``import pathsmc.targets``
+    loads no driver."""
+    if name in ("TwistedSequenceSMC", "twisted_smc"):
+        import warnings
+
+        from pathsmc import twisted_sequence
+
+        warnings.warn(f"pathsmc.targets.{name} moved to pathsmc.twisted_sequence.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(twisted_sequence, name)
+    raise AttributeError(f"module 'pathsmc.targets' has no attribute {name!r}")
