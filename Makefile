@@ -16,7 +16,10 @@ OPTIONAL := matplotlib ruff rich
 # skip with a reason where it cannot be installed (offline GPU hosts carry their wheels).
 EXTRAS   := diffusers transformers safetensors sklearn
 
-CUDA_VENV := .venv-cuda
+# The CUDA torch that `make cuda-build` compiles against; another version gets its own venv and
+# build folder, e.g. `make cuda-build TORCH_CUDA_VERSION=2.11.0` (the GPU hosts' torch).
+TORCH_CUDA_VERSION ?= 2.14.1
+CUDA_VENV := .venv-cuda$(if $(filter 2.14.1,$(TORCH_CUDA_VERSION)),,-$(TORCH_CUDA_VERSION))
 CUDA_VPY  := $(CUDA_VENV)/bin/python
 CUDA_ARCH ?= 9.0
 
@@ -82,8 +85,10 @@ cuda-build: $(CUDA_VENV)/.stamp-build
 
 $(CUDA_VENV)/.stamp-deps:
 	@test -x $(CUDA_VPY) || $(PYTHON) -m venv $(CUDA_VENV)
-	@$(CUDA_VPY) -c "import torch; assert torch.version.cuda" 2>/dev/null || { \
-	  $(CUDA_VPY) -m pip install --disable-pip-version-check -q --no-deps torch==2.14.1 && \
+	@$(CUDA_VPY) -c "import torch; assert torch.version.cuda; \
+	  assert torch.__version__.split('+')[0] == '$(TORCH_CUDA_VERSION)'" 2>/dev/null || { \
+	  $(CUDA_VPY) -m pip install --disable-pip-version-check -q --no-deps \
+	    torch==$(TORCH_CUDA_VERSION) && \
 	  $(CUDA_VPY) tools/cuda_torch_requirements.py > $(CUDA_VENV)/torch-requirements.txt && \
 	  $(CUDA_VPY) -m pip install --disable-pip-version-check -q -r $(CUDA_VENV)/torch-requirements.txt; }
 	@$(CUDA_VPY) -c "import scikit_build_core, pybind11, ninja, cmake, numpy" 2>/dev/null || \
@@ -93,7 +98,7 @@ $(CUDA_VENV)/.stamp-deps:
 $(CUDA_VENV)/.stamp-build: $(CUDA_VENV)/.stamp-deps $(SRCS)
 	PATHSMC_CUDA=ON TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH)" $(CUDA_VPY) -m pip install \
 	  --disable-pip-version-check -q --no-build-isolation --no-deps \
-	  -C build-dir=build/cuda .
+	  -C build-dir=build/cuda-$(TORCH_CUDA_VERSION) .
 	@touch $@
 
 clean:

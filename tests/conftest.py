@@ -79,13 +79,19 @@ def weight_tol(state_dtype: torch.dtype, logw_dtype: torch.dtype, d: int) -> dic
     return {"rtol": 2e-5, "atol": 5e-5 * max(1, d)}
 
 
-def assert_close(actual, expected, **kw) -> None:
+def assert_close(actual, expected, what: str = "", **kw) -> None:
+    """torch.testing.assert_close whose message also names ``what`` (the op and output), the
+    shape, dtype and device: a failure in a GPU log says what was off, where, and by how much
+    (torch's message gives the greatest absolute and relative differences)."""
     kw.setdefault("equal_nan", True)
     if "rtol" not in kw:
         kw.update(tol(expected.dtype))
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    torch.testing.assert_close(actual, expected, check_device=True, **kw)
+    where = (f"{what + ': ' if what else ''}shape {tuple(expected.shape)}, dtype "
+             f"{expected.dtype}, device {actual.device}")
+    assert actual.dtype == expected.dtype, (where, actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (where, actual.shape, expected.shape)
+    torch.testing.assert_close(actual, expected, check_device=True,
+                               msg=lambda m: f"{where}: {m}", **kw)
 
 
 def gen(device: str, seed: int) -> torch.Generator:

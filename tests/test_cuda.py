@@ -2,6 +2,7 @@
 and resampling at large N. Skipped without a GPU and a CUDA build of the extension."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -13,6 +14,20 @@ pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and pathsmc.build_info()["cuda"]),
     reason="needs a GPU and the CUDA kernels",
 )
+
+
+def _close(got, want, **kw):
+    """assert_close whose message names the test case, shape and dtype (torch's gives the
+    greatest absolute and relative differences): enough to act on from a GPU log."""
+    case = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    torch.testing.assert_close(
+        got, want, msg=lambda m: f"{case}: shape {tuple(want.shape)}, dtype {want.dtype}: {m}",
+        **kw)
+
+
+def _mismatches(got, want) -> str:
+    bad = (got != want).nonzero()
+    return f"{bad.shape[0]} of {want.numel()} differ, first at {bad[:3].tolist()}"
 
 
 def _inputs(b, n, d, dtype, seed=0):
@@ -29,8 +44,8 @@ def test_em_step_cpu_and_cuda_agree(d):
     cpu = pathsmc.em_step(x, a, logw, noise=eps, **{**kw, "ref_drifts": [r], "ref_coefs": [0.7]})
     gpu = pathsmc.em_step(x.cuda(), a.cuda(), logw.cuda(), noise=eps.cuda(),
                           **{**kw, "ref_drifts": [r.cuda()], "ref_coefs": [0.7]})
-    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-10, atol=1e-9)
+    _close(gpu[0].cpu(), cpu[0], rtol=1e-12, atol=1e-12)
+    _close(gpu[1].cpu(), cpu[1], rtol=1e-10, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -42,8 +57,8 @@ def test_half_states_em_step(dtype):
     want = ref.em_step(*(t.float() for t in (xh, ah)), logw.cuda(), dt=0.01, sigma=1.0,
                        ref_drifts=[rh.float()], ref_coefs=[1.0], noise=eh.float())
     assert out[0].dtype == dtype
-    torch.testing.assert_close(out[0].float(), want[0], rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(out[1], want[1], rtol=1e-3, atol=1e-1)
+    _close(out[0].float(), want[0], rtol=1e-2, atol=1e-2)
+    _close(out[1], want[1], rtol=1e-3, atol=1e-1)
 
 
 def test_internal_noise_is_standard_normal_on_cuda():
@@ -68,7 +83,8 @@ def test_resample_matches_reference_on_cuda(scheme):
     u = torch.rand(shape, generator=g, dtype=torch.float64)
     want = ref.resample(logw, scheme, m, u)
     got = pathsmc.resample(logw.cuda(), scheme, m, u.cuda()).cpu()
-    assert (got != want).sum().item() <= 2  # only positions within an ulp of a boundary
+    # only positions within an ulp of a boundary may differ
+    assert (got != want).sum().item() <= 2, _mismatches(got, want)
 
 
 @pytest.mark.parametrize("log2n", [24, 26])
@@ -95,7 +111,7 @@ def test_adaptive_resample_matches_reference_on_cuda():
                                     u.cuda())
     for s_got, s_want in zip(got[0], want[0], strict=True):
         assert torch.equal(s_got.cpu(), s_want)
-    torch.testing.assert_close(got[1].cpu(), want[1])
+    _close(got[1].cpu(), want[1])
     assert torch.equal(got[2].cpu(), want[2]) and torch.equal(got[3].cpu(), want[3])
 
 
@@ -148,8 +164,8 @@ def test_cuda_graph_replays_an_smc_step_with_fresh_noise():
         out_x, out_lw = step(static_x, static_lw, gen)
     for k in range(steps):
         graph.replay()
-        torch.testing.assert_close(out_x, eager[k][0])
-        torch.testing.assert_close(out_lw, eager[k][1])
+        _close(out_x, eager[k][0])
+        _close(out_lw, eager[k][1])
         static_x.copy_(out_x)
         static_lw.copy_(out_lw)
 
@@ -176,8 +192,8 @@ def test_captured_smc_replays_equal_eager_runs(mode):
     replay = cap.run()
     eager = smc(job(), 1024, 8, threshold=0.7,
                 generator=torch.Generator(device="cuda").manual_seed(3))
-    torch.testing.assert_close(replay.particles, eager.particles)
-    torch.testing.assert_close(replay.logw, eager.logw)
+    _close(replay.particles, eager.particles)
+    _close(replay.logw, eager.logw)
     assert torch.equal(replay.resampled, eager.resampled) and bool(replay.resampled.any())
     runs = [cap.run() for _ in range(3)]
     assert not torch.equal(runs[0].particles, runs[1].particles)  # fresh noise per replay
@@ -263,10 +279,10 @@ def test_em_step_long_rows_split_across_blocks(dtype, d, weighted, per_row):
     gpu = pathsmc.em_step(x.cuda(), a.cuda(), None if lw is None else lw.cuda(),
                           noise=eps.cuda(), **gkw)
     tol = 1e-12 if dtype == torch.float64 else 1e-6
-    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=tol, atol=tol)
+    _close(gpu[0].cpu(), cpu[0], rtol=tol, atol=tol)
     if weighted:  # float32 residuals may round differently (FMA contraction): ~1e-5 per row
         wtol = 1e-6 if dtype == torch.float64 else 1e-3
-        torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-9, atol=wtol)
+        _close(gpu[1].cpu(), cpu[1], rtol=1e-9, atol=wtol)
 
 
 def test_em_step_noise_is_the_same_on_both_paths():
@@ -284,7 +300,7 @@ def test_em_step_noise_is_the_same_on_both_paths():
                           generator=g.manual_seed(3))
     full = pathsmc.em_step(x, a, logw, dt=0.01, sigma=1.0, generator=g.manual_seed(3))
     assert torch.equal(few[0], full[0][:, :2])
-    torch.testing.assert_close(few[1], full[1][:, :2], rtol=1e-12, atol=1e-9)
+    _close(few[1], full[1][:, :2], rtol=1e-12, atol=1e-9)
 
 
 def test_em_step_long_rows_internal_noise():
@@ -301,7 +317,7 @@ def test_em_step_long_rows_internal_noise():
     assert abs(eps.var().item() - 1) < 5 * math.sqrt(2 / eps.numel())
     want = ref.em_step(x, a, logw, dt=dt, sigma=sigma, ref_drifts=[r], ref_coefs=[1.0],
                        noise=eps)[1]
-    torch.testing.assert_close(lw, want, rtol=1e-8, atol=1e-6)
+    _close(lw, want, rtol=1e-8, atol=1e-6)
 
 
 @pytest.mark.parametrize("d", [700, 3 * 128 * 128 + 1])  # one warp per row; segmented rows
@@ -310,7 +326,7 @@ def test_kernel_logpdf_cpu_and_cuda_agree(d):
     kw = dict(dt=0.03, sigma=0.8, coef=0.7, linear=-0.5)
     cpu = pathsmc.kernel_logpdf(y, base, drift, logw=logw, **kw)
     gpu = pathsmc.kernel_logpdf(y.cuda(), base.cuda(), drift.cuda(), logw=logw.cuda(), **kw)
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-10, atol=1e-8)
+    _close(gpu.cpu(), cpu, rtol=1e-10, atol=1e-8)
 
 
 def test_residual_with_a_dominant_particle():
@@ -324,7 +340,7 @@ def test_residual_with_a_dominant_particle():
     u = torch.rand(b, n, generator=g, dtype=torch.float64)
     want = ref.resample(logw, "residual", n, u)
     got = pathsmc.resample(logw.cuda(), "residual", n, u.cuda()).cpu()
-    assert (got != want).sum().item() <= 2
+    assert (got != want).sum().item() <= 2, _mismatches(got, want)
     assert (got[0] == 12345).sum().item() >= n - 2
 
 
@@ -337,7 +353,7 @@ def test_residual_other_sizes(n, m):
     u = torch.rand(3, m, generator=g, dtype=torch.float64)
     want = ref.resample(logw, "residual", m, u)
     got = pathsmc.resample(logw.cuda(), "residual", m, u.cuda()).cpu()
-    assert (got != want).sum().item() <= 2
+    assert (got != want).sum().item() <= 2, _mismatches(got, want)
 
 
 def test_distributed_smc_on_one_gpu_with_nccl(tmp_path):
@@ -363,8 +379,8 @@ def test_distributed_smc_on_one_gpu_with_nccl(tmp_path):
         ref = smc(fk, 1024, 4, generator=torch.Generator("cuda").manual_seed(0))
     finally:
         dist.destroy_process_group()
-    torch.testing.assert_close(one.log_z, ref.log_z, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(one.particles, ref.particles, rtol=0, atol=0)
+    _close(one.log_z, ref.log_z, rtol=1e-12, atol=1e-12)
+    _close(one.particles, ref.particles, rtol=0, atol=0)
 
 
 def test_mala_long_rows_split_across_blocks():
@@ -385,4 +401,4 @@ def test_mala_long_rows_split_across_blocks():
                               u.cuda())
     assert 0 < int(want[3].sum()) < 8
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-12)
+        _close(a.cpu(), b, rtol=1e-12, atol=1e-12)
