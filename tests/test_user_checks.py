@@ -263,3 +263,75 @@ def test_generic_smc_counts_nan_weights():
     with pytest.warns(CollapseWarning):
         res = smc(NanModel(), 8, 2, threshold=0.0)
     assert res.dead_particles.tolist() == [1, 1]  # never resampled: the same particle
+
+
+# ---- pathsmc sample configs ----------------------------------------------------------------
+
+USER_MODULE = '''
+import numpy as np
+import torch
+
+def score(x, t, cond=None):
+    return -x.double()
+
+def score_3d(x, t):
+    return -x.double()[..., :1].expand(*x.shape[:2], 3)
+
+def score_np(x, t):
+    return (-x).numpy()
+
+def make_reward(scale):
+    return lambda x: scale * x.double()[..., 0]
+
+def reward(x):
+    return x.double()[..., 0]
+'''
+
+
+def sample_config(tmp_path, **over):
+    import json
+
+    (tmp_path / "user_fns.py").write_text(USER_MODULE)
+    cfg = {"particles": 16, "steps": 4, "dim": 2, "batch": 2,
+           "model": {"path": "user_fns:score"},
+           "steer": {"mode": "reward", "reward": "user_fns:reward"}}
+    for k, v in over.items():  # model tables are merged, everything else replaced
+        cfg[k] = {**cfg[k], **v} if k == "model" and isinstance(v, dict) else v
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+SAMPLE_CASES = [
+    ("condition rows", {"model": {"condition": [0, 1, 2]}},
+     r"model\.condition: expected one entry per row \(first dimension batch = 2\)"),
+    ("dim contradicts the model", {"model": {"path": "user_fns:score_3d"}},
+     r"model\.path: model `user_fns:score_3d` returned shape \(2, 16, 3\), expected "
+     r"\(2, 16, 2\) like x .*dim = 2"),
+    ("numpy model", {"model": {"path": "user_fns:score_np"}},
+     r"model\.path: model `user_fns:score_np` returned a numpy\.ndarray"),
+    ("product dims", {"model": [{"path": "user_fns:score"}, {"path": "user_fns:score_3d"}],
+                      "steer": {"mode": "product", "beta": [0.5, 0.5]}},
+     r"model\[1\]\.path: model\[1\] `user_fns:score_3d` returned shape \(2, 16, 3\)"),
+    ("factory without args", {"steer": {"mode": "reward", "reward": "user_fns:make_reward"}},
+     r"steer\.reward: reward `user_fns:make_reward` returned a builtins\.function, .*"
+     r"\(a factory\? call it first"),
+]
+
+
+@pytest.mark.parametrize("over,match", [c[1:] for c in SAMPLE_CASES],
+                         ids=[c[0] for c in SAMPLE_CASES])
+def test_sample_config_errors_name_the_key(tmp_path, over, match):
+    from pathsmc.sample import ConfigError, run_sample
+
+    path = sample_config(tmp_path, **over)
+    with pytest.raises(ConfigError, match=match):
+        run_sample(path, out=tmp_path / "out", progress=False)
+
+
+def test_sample_reward_factory_with_its_args_runs(tmp_path):
+    from pathsmc.sample import run_sample
+
+    path = sample_config(tmp_path, steer={"mode": "reward", "reward": "user_fns:make_reward",
+                                          "reward_args": {"scale": 0.5}})
+    assert run_sample(path, out=tmp_path / "out", progress=False) == 0

@@ -492,7 +492,7 @@ def _first_call(name: str, f: Callable[..., Any], x: torch.Tensor, *args: Any) -
             err = type(exc)(msg)
         except Exception:  # an exception type that does not take one message
             err = RuntimeError(msg)
-        raise err from exc
+        raise err.with_traceback(exc.__traceback__) from exc  # keeps the user's frames
 
 
 def check_user_output(out: Any, name: str, shape: Sequence[int], device: torch.device,

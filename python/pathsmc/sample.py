@@ -30,8 +30,9 @@ Config reference (TOML shown; JSON takes the same structure; every key but ``par
     path = "my_models:score"  # module:attribute; the model fn(x, t[, condition])
     prediction = "score"      # what fn returns: "score", "eps" or "x0"
     args = { ckpt = "m.pt" }  # optional: path is a factory, called once with these kwargs
-    condition = [0, 1, 0, 1]  # optional third argument of fn (rows of a (B, ...) tensor are
-                              # split with the chunks)
+    condition = [0, 1, 0, 1]  # optional third argument of fn: one entry per row (first
+                              # dimension = batch, split with the chunks), or a scalar
+                              # shared by every row
     log_prob = "my_models:log_prob"   # optional exact log p_t(x) (for weighting = "density")
 
     [schedule]
@@ -41,13 +42,21 @@ Config reference (TOML shown; JSON takes the same structure; every key but ``par
     [steer]
     mode = "reward"           # reward | temper | product | twisted | uncorrected
     reward = "my_rewards:aesthetic"   # reward(x) -> (B, N) log-potential
-    reward_args = { scale = 2.0 }     # optional: reward is a factory called with these
+    reward_args = { scale = 2.0 }     # optional: reward is then a factory, called once with
+                                      # these ({} for a factory without arguments)
     potential = "difference"  # difference | max | sum  (mode reward)
     potential_every = 1
     guidance = 0.0            # gradient guidance scale (twisted: 1)
     value = "my_values:v"     # twisted: value(x, t) -> V or (V, ∇V); value_args likewise
     beta = 0.5                # temper: β; product: [β1, β2, ...]
     weighting = "path"        # or "density" (every model needs log_prob)
+
+One rule for every import path (``model.path``, ``log_prob``, ``steer.reward``,
+``steer.value``): without its ``*_args`` table it names the function itself; with one it names
+a factory, called once with those keyword arguments (``{}`` for none), that returns the
+function. Before the first step every function is called once and checked (a torch tensor on
+the job's device, floating point, finite, shaped like ``x`` — ``(B, N, dim)`` — for the model,
+``(B, N)`` for rewards, values and log-densities); an error names the config key.
 
 Keys starting with ``_`` are ignored (comments in JSON). Import paths are resolved with the
 config file's folder, the ``pythonpath`` entries and the current directory in front of
@@ -372,6 +381,8 @@ def load_config(path: str | Path) -> JobConfig:
     steer["beta"] = betas[0] if mode == "temper" else (betas if beta is not None else None)
     # sizes and the rest
     batch = _int(raw, "batch", "", 1)
+    for m in models:
+        _check_condition_rows(m, batch)
     chunk = _int(raw, "chunk", "", batch)
     dtype = _choice(raw, "dtype", "", tuple(DTYPES), "float32")
     device = raw.get("device", "cpu")
@@ -398,6 +409,21 @@ def load_config(path: str | Path) -> JobConfig:
         format=_choice(raw, "format", "", FORMATS, "pt"),
         threads=_int(raw, "threads", "", 0, minimum=0), out=out, pythonpath=pythonpath,
         exact_log_z=_float(raw, "exact_log_z", "", None))
+
+
+def _check_condition_rows(m: ModelSpec, batch: int) -> None:
+    """A condition is a scalar (shared by every row) or has one entry per row."""
+    if m.condition is None:
+        return
+    try:
+        shape = tuple(torch.as_tensor(m.condition).shape)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{m.key}.condition: cannot make a tensor of {m.condition!r}: "
+                          f"{exc}") from exc
+    if shape and shape[0] != batch:
+        raise ConfigError(f"{m.key}.condition: expected one entry per row (first dimension "
+                          f"batch = {batch}) or a scalar shared by every row, got shape "
+                          f"{shape}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +457,10 @@ def resolve(spec: str, key: str, args: dict[str, Any] | None = None) -> Callable
         if not hasattr(obj, part):
             raise ConfigError(f"{key}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
+    if isinstance(obj, DiffusionModel):
+        raise ConfigError(f"{key}: {spec} is a DiffusionModel; give the import path of its "
+                          "function (the fn(x, t[, condition]) it wraps) and set "
+                          f"prediction and [schedule] in the config")
     if not callable(obj):
         raise ConfigError(f"{key}: {spec} is a {type(obj).__name__}, not a callable")
     if args is not None:
@@ -530,11 +560,18 @@ def _run_chunk(cfg: JobConfig, job: _Job, index: int, start: int, stop: int,
         kwargs["guidance"] = st["guidance"]
     seed = chunk_seed(cfg.seed, index)
     t0 = time.perf_counter()
-    res = steer(models if st["mode"] in ("product", "uncorrected") else models[0], st["mode"],
-                particles=cfg.particles, batch=stop - start, steps=cfg.steps, dim=cfg.dim,
-                t_end=cfg.t_end, threshold=cfg.threshold, scheme=cfg.scheme, seed=seed,
-                device=_rank_device(cfg.device), dtype=DTYPES[cfg.dtype], progress=progress,
-                **kwargs)
+    try:
+        res = steer(models if st["mode"] in ("product", "uncorrected") else models[0],
+                    st["mode"], particles=cfg.particles, batch=stop - start, steps=cfg.steps,
+                    dim=cfg.dim, t_end=cfg.t_end, threshold=cfg.threshold, scheme=cfg.scheme,
+                    seed=seed, device=_rank_device(cfg.device), dtype=DTYPES[cfg.dtype],
+                    progress=progress, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        key = _user_function_key(cfg, str(exc))
+        if key is None:
+            raise
+        raise ConfigError(f"{key}: {exc} (config: dim = {cfg.dim}, batch rows "
+                          f"{start}–{stop - 1})") from exc
     return {
         "rows": (start, stop), "seed": seed, "seconds": time.perf_counter() - t0,
         "particles": res.particles.detach().cpu(), "logw": res.logw.detach().double().cpu(),
@@ -542,6 +579,24 @@ def _run_chunk(cfg: JobConfig, job: _Job, index: int, start: int, stop: int,
         "resampled": res.resampled.detach().cpu(),
         "dead_rows": {start + r: s for r, s in res.dead_rows.items()},
     }
+
+
+def _user_function_key(cfg: JobConfig, msg: str) -> str | None:
+    """The config key of the user function an up-front check of :func:`steer` names
+    (``model `m:f` returned shape ...``), else None. An exception raised inside the user's
+    function is left as it is: the CLI reports it with the function's file and line."""
+    if "failed on its first call" in msg:
+        return None
+    head = msg.split(" `", 1)[0]
+    if head in ("reward", "value"):
+        return f"steer.{head}"
+    for i, m in enumerate(cfg.models):
+        what = f"model[{i}]" if len(cfg.models) > 1 else "model"
+        if head == what:
+            return f"{m.key}.path"
+        if head == f"{what}.log_prob":
+            return f"{m.key}.log_prob"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
