@@ -18,7 +18,8 @@ Config reference (TOML shown; JSON takes the same structure; every key but ``par
     device = "cpu"            # "cuda", "cuda:1", ...
     dtype = "float32"         # particle dtype ("float64"); log-weights are float64
     seed = 0                  # chunk i is seeded with chunk_seed(seed, i)
-    threshold = 0.5           # resample a row when its ESS < threshold · N
+    threshold = 0.5           # resample a row when its ESS < threshold · N (default: 0.5,
+                              # 1.0 for sharpening targets, Σβ > 1: steer's default)
     scheme = "systematic"     # stratified, multinomial, residual
     format = "pt"             # "npz": result.npz as well
     threads = 0               # torch intra-op threads (0: torch's default)
@@ -66,7 +67,8 @@ reward or value function that depends on the row should take its per-row data fr
 
 The output folder holds ``result.pt`` (a dict of CPU tensors: ``particles`` (B, N, D),
 ``logw`` (B, N), ``log_z`` (B,), ``ess`` and ``resampled`` (steps, B), ``final_ess`` and
-``num_resampled`` (B,), ``dead_rows`` {row: step}, plus ``config``, ``seeds``, ``chunks``,
+``num_resampled`` (B,), ``dead_rows`` {row: step}, ``dead_particles`` (B,) (particles killed by
+non-finite output), plus ``config``, ``seeds``, ``chunks``,
 versions and timing), ``result.npz`` with the same arrays when ``format = "npz"``,
 ``report.txt`` (also printed) and ``job.json`` (the parsed config and its fingerprint). With
 ``chunk < batch`` every chunk is written to ``chunks/chunk-NNNN.pt`` as soon as it is done and
@@ -102,12 +104,14 @@ from typing import Any
 import torch
 
 from pathsmc._validate import RESAMPLING_SCHEMES as SCHEMES
+from pathsmc.diagnostics import collapse_messages
 from pathsmc.diffusion import (
     MODES,
     DiffusionModel,
     VESchedule,
     VPSchedule,
     check_steering,
+    default_threshold,
     steer,
 )
 
@@ -404,7 +408,7 @@ def load_config(path: str | Path) -> JobConfig:
         chunk=min(chunk, batch), steps=_int(raw, "steps", "", 100),
         t_end=_float(raw, "t_end", "", 0.0, lo=0.0, hi=1.0, hi_open=True),
         device=device, dtype=dtype, seed=_int(raw, "seed", "", 0, minimum=0),
-        threshold=_float(raw, "threshold", "", 0.5, lo=0.0),
+        threshold=_float(raw, "threshold", "", default_threshold(betas), lo=0.0),
         scheme=_choice(raw, "scheme", "", SCHEMES, "systematic"),
         format=_choice(raw, "format", "", FORMATS, "pt"),
         threads=_int(raw, "threads", "", 0, minimum=0), out=out, pythonpath=pythonpath,
@@ -578,6 +582,7 @@ def _run_chunk(cfg: JobConfig, job: _Job, index: int, start: int, stop: int,
         "log_z": res.log_z.detach().double().cpu(), "ess": res.ess.detach().double().cpu(),
         "resampled": res.resampled.detach().cpu(),
         "dead_rows": {start + r: s for r, s in res.dead_rows.items()},
+        "dead_particles": res.dead_particles,
     }
 
 
@@ -700,6 +705,9 @@ def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "ess": torch.cat([p["ess"] for p in parts], dim=1),
         "resampled": torch.cat([p["resampled"] for p in parts], dim=1),
         "dead_rows": dead,
+        "dead_particles": torch.cat([  # chunks saved before the count existed: zeros
+            p.get("dead_particles", torch.zeros(p["log_z"].shape[0], dtype=torch.int64))
+            for p in parts]),
     }
 
 
@@ -774,6 +782,10 @@ def _report(cfg: JobConfig, result: dict[str, Any], *, resumed: int, seconds: fl
         lines.append(f"  DEAD ROWS ({len(dead)}): {shown}")
     else:
         lines.append("  dead rows: none")
+    if cfg.mode != "uncorrected" or bool(result["dead_particles"].any()):
+        for w in collapse_messages(result["log_z"], ess.min(0).values, final,
+                                   result["dead_particles"], n):
+            lines.append(f"  WARNING: {w}")
     lines.append(f"  time: {seconds:.2f} s; wrote {', '.join(files)}")
     return "\n".join(lines)
 
@@ -891,7 +903,7 @@ def _save_npz(result: dict[str, Any], path: Path) -> None:
 
     dead = np.array(sorted(result["dead_rows"].items()), dtype=np.int64).reshape(-1, 2)
     arrays = {k: result[k].numpy() for k in ("particles", "logw", "log_z", "ess", "resampled",
-                                             "final_ess", "num_resampled")}
+                                             "final_ess", "num_resampled", "dead_particles")}
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, dead_rows=dead, **arrays)
     os.replace(tmp, path)
