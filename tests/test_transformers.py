@@ -6,7 +6,7 @@ enumerated through the LM itself, giving exact log Z and exact soft values of ev
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import pytest
 import torch
@@ -86,7 +86,7 @@ def enumerate_values(row: int, constrained: bool) -> tuple[float, dict]:
     return value(()), child
 
 
-@lru_cache(maxsize=None)
+@cache
 def exact(constrained: bool) -> tuple[torch.Tensor, list[dict]]:
     res = [enumerate_values(r, constrained) for r in range(PROMPTS.shape[0])]
     return torch.tensor([r[0] for r in res], dtype=torch.float64), [r[1] for r in res]
@@ -158,7 +158,7 @@ def test_cache_gather_matches_recomputed_prefix():
     lm = tiny_lm()
     parts = CachedLMParticles(lm, PROMPTS, 8)
     g = torch.Generator().manual_seed(5)
-    for k in range(5):
+    for _ in range(5):
         w = torch.randint(0, V, (2, 8), generator=g)
         logw = torch.randn(2, 8, dtype=torch.float64, generator=g) * 2
         (w,), _, anc, res = parts.resample([w], logw, 1.0, "multinomial", g)
