@@ -7,7 +7,7 @@ Each row of the table is one steering case of `pathsmc.demo.steering_cases`; tim
 median of `--repeats` full runs after one warm-up. On CUDA a fourth variant, "graph", replays
 the whole fused run captured once in a CUDA graph (`pathsmc.smc.CapturedSMC`; the one-off
 capture time is reported separately): the launch-bound regime of small populations is where
-it matters (DESIGN.md; issue 3's target: 1000 steps, N = 4096, >= 10x the eager loop).
+it matters (docs/design.md; issue 3's target: 1000 steps, N = 4096, >= 10x the eager loop).
 Results go to bench/results/e2e-<device>.{json,md}.
 
     .venv/bin/python bench/e2e.py [--device cuda] [--particles 4096] [--steps 100]

@@ -8,7 +8,7 @@ For every op (and size) this times, in one process:
   cost);
 - ``torch.compile(reference)``, compiled once and warmed up before timing;
 
-and reports medians of repeated runs, the speedups, the bytes each op must move (DESIGN.md,
+and reports medians of repeated runs, the speedups, the bytes each op must move (docs/design.md,
 "Performance model") as GB/s and as % of the copy bandwidth measured in the same run, and the
 issue targets (PASS / MISS) where one exists. Results go to ``bench/results/<device>.json`` and
 ``.md``; the table is also printed. See bench/README.md.

@@ -113,6 +113,9 @@ def mc_bound(n: int, var: float = 1.0, z: float = 5.0) -> float:
 _READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 # Value checks that pathsmc runs on CPU tensors only (skipped on CUDA).
 _CPU_ONLY_CHECKS = {"_scalar_or_rows", "check_uniforms"}
+# The one-time checks of the user's functions before the first step (one read on any device,
+# never inside the loop).
+_UP_FRONT_CHECKS = {"check_user_output"}
 
 
 class HostRead(AssertionError):
@@ -127,7 +130,8 @@ def no_host_reads():
     def forbid(name):
         def read(self, *args, **kwargs):
             caller = sys._getframe(1).f_code.co_name
-            if self.device.type == "cpu" and caller in _CPU_ONLY_CHECKS:
+            if caller in _UP_FRONT_CHECKS or (
+                    self.device.type == "cpu" and caller in _CPU_ONLY_CHECKS):
                 return saved[name](self, *args, **kwargs)
             raise HostRead(f"Tensor.{name}() inside a sampling loop (a host sync on a GPU)")
         return read
@@ -146,14 +150,14 @@ def guarded_annealed_loop(monkeypatch):
     """Run annealed_smc's step loop (the body of its progress-bar block) under the guard."""
     import pathsmc.samplers as samplers
 
-    progress = samplers._progress
+    progress = samplers.progress_bar
 
     @contextlib.contextmanager
     def guarded(*args, **kwargs):
         with progress(*args, **kwargs) as bar, no_host_reads():
             yield bar
 
-    monkeypatch.setattr(samplers, "_progress", guarded)
+    monkeypatch.setattr(samplers, "progress_bar", guarded)
 
 
 # ---- fault injection for the MALA acceptance (samplers, tempering, waste-free tests) ----

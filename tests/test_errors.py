@@ -305,6 +305,29 @@ def test_nan_logw_is_a_dead_particle(device):
         assert torch.isfinite(lw_out).all()
 
 
+def test_nonfinite_state_kills_the_particle(device):
+    # a NaN (or inf) in x, or an x' that overflows, must not leave a finite log-weight
+    x, drift, logw = _inputs(device)
+    x[0, 2, 0] = NAN
+    x[1, 0, 1] = INF
+    x_new, lw = pathsmc.em_step(x, drift, logw, **STEP)
+    assert torch.isnan(lw[0, 2]) and torch.isnan(lw[1, 0])
+    alive = torch.ones_like(logw, dtype=torch.bool)
+    alive[0, 2] = alive[1, 0] = False
+    assert torch.isfinite(lw[alive]).all() and torch.isfinite(x_new[alive]).all()
+
+
+@pytest.mark.parametrize("name", ["dt", "sigma"])
+@pytest.mark.parametrize("bad", ["0.1", True, None])
+def test_step_scalars_must_be_numbers(name, bad):
+    x, drift, logw = _inputs("cpu")
+    kw = dict(STEP, **{name: bad})
+    with pytest.raises(TypeError, match=rf"^{name}: expected a float"):
+        pathsmc.em_step(x, drift, logw, **kw)
+    with pytest.raises(TypeError, match=rf"^{name}: expected a float"):
+        pathsmc.kernel_logpdf(x, drift, logw=logw, **kw)
+
+
 def test_all_dead_row_is_reported_not_nan(device):
     _, _, logw = _inputs(device)
     logw[1] = NAN

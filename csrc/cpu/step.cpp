@@ -140,7 +140,8 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
         for (int64_t i = 0; i < len; ++i) xw[i] = xr[i] + ar[i] * hv[i] + sv[i] * eps[i];
         if (!weighted) continue;
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) contrib[i] = 0.5 * static_cast<double>(eps[i]) * eps[i];
+        for (int64_t i = 0; i < len; ++i)
+          contrib[i] = 0.5 * static_cast<double>(eps[i]) * eps[i] + nonfinite_to_nan(xw[i]);
         for (int64_t k = 0; k < K; ++k) {
           const scalar_t* br = bp[k] + base;
           const double half_c = 0.5 * args.coefs[k];
@@ -208,7 +209,8 @@ void em_step_rows(const at::Tensor& x, const at::Tensor& drift, const std::vecto
         // float64 sums over D; omp simd lets them vectorize (fixed lane order: deterministic)
         double acc_prop = 0.0;
 #pragma omp simd reduction(+ : acc_prop)
-        for (int64_t d = 0; d < len; ++d) acc_prop += static_cast<double>(eps[d]) * eps[d];
+        for (int64_t d = 0; d < len; ++d)
+          acc_prop += static_cast<double>(eps[d]) * eps[d] + nonfinite_to_nan(xor_[d]);
         ss_prop += acc_prop;
         for (int64_t k = 0; k < K; ++k) {
           const scalar_t* br = bp[k] + base;

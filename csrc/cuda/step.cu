@@ -66,7 +66,7 @@ __device__ __forceinline__ void step_elements(const StepArgs<scalar_t>& a, int64
       const scalar_t xn = static_cast<scalar_t>(static_cast<acc_t>(a.x[e]) + dr * h + s * eps);
       a.x_out[e] = xn;
       if (!weighted) continue;
-      ss.prop += static_cast<double>(eps) * eps;
+      ss.prop += static_cast<double>(eps) * eps + nonfinite_to_nan(xn);  // inf/NaN x': dead
 #pragma unroll
       for (int k = 0; k < kMaxRefs; ++k) {
         if (k >= a.K) break;

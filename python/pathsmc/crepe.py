@@ -56,7 +56,7 @@ from ``p_{j,t_{k+1}}`` are the same path measure, so
                − log G_n(p_n | p_{n+1}),
 
 and ``Δ_n`` is exactly :func:`pathsmc.ops.em_step`'s step weight for the reverse step
-``p_{n+1} → p_n`` (DESIGN.md: ``c = β``, ``c_f = 1 − Σβ``, ``λ = λ(s_n)``, reference drifts
+``p_{n+1} → p_n`` (docs/design.md: ``c = β``, ``c_f = 1 − Σβ``, ``λ = λ(s_n)``, reference drifts
 ``b_j``, proposal drift ``a``) — the tempering/product weight of :func:`pathsmc.diffusion.steer`.
 The denoising path is drawn by ``em_step`` itself, which accumulates ``Δ(w) = Σ_n Δ_n(w)``;
 for the noising path ``em_step`` is called on each reverse step ``z_{n+1} → z_n`` with the
@@ -138,8 +138,8 @@ target importance sampling is the cheaper of the two; CREPE's draws at level 0 a
 and it keeps improving with more rounds at a fixed memory.
 
 Sources: the CREPE method and the path-measure view (forward–backward RND, Nelson's relation,
-steering with path RNDs, replica exchange across diffusion levels) as presented in the design
-seeds' lecture slides (J. He, "Introduction to diffusion models and probabilistic inference
+steering with path RNDs, replica exchange across diffusion levels) as presented in the lecture
+slides of J. He ("Introduction to diffusion models and probabilistic inference
 with path measures", 2025); S. Syed et al., "Non-reversible parallel tempering", JRSS B 84
 (2022) (DEO swaps, schedule adaptation).
 """
@@ -158,7 +158,7 @@ import torch
 
 from pathsmc._deprecation import renamed_argument
 from pathsmc.diffusion import DiffusionModel, ReverseEM, model_exponents
-from pathsmc.smc import _progress
+from pathsmc.progress import progress_bar
 from pathsmc.tempering import optimal_schedule
 
 __all__ = ["CREPE", "CREPEResult", "crepe", "default_times", "path_swap_log_ratio"]
@@ -766,7 +766,7 @@ class CREPE:
         t0 = time.perf_counter()
         schedules: list[list[float]] = []
         phases = adapt_times + 1 if burn_in else 0
-        with _progress(burn_in + rounds, progress, "crepe") as bar:
+        with progress_bar(burn_in + rounds, progress, "crepe") as bar:
             for p in range(phases):
                 n = burn_in * (p + 1) // phases - burn_in * p // phases
                 acc = self._new_accumulators()

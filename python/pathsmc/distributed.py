@@ -39,13 +39,13 @@ import torch
 import torch.distributed as dist
 
 from pathsmc import ops as fused_ops
+from pathsmc.progress import progress_bar
 from pathsmc.samplers import AnnealedSMCResult
 from pathsmc.smc import (
     FeynmanKacModel,
     SMCResult,
     _check_run_args,
     _dead_rows,
-    _progress,
     _run,
     weights_from_log_norm,
 )
@@ -295,8 +295,8 @@ def smc(
     if any(s != shapes[0] for s in shapes):
         raise ValueError(f"pathsmc.distributed.smc: every rank must use the same (batch, "
                          f"particles, num_steps); got {shapes}")
-    with _progress(steps, progress if dops.rank == 0 else False, desc) as bar:
-        states, logw, ess, res = _run(model, particles, batch, steps, threshold, scheme,
+    with progress_bar(steps, progress if dops.rank == 0 else False, desc) as bar:
+        states, logw, ess, res, _ = _run(model, particles, batch, steps, threshold, scheme,
                                       generator, dops, bar.update)
     _, log_z, _ = dops.normalize(logw.double())
     n = particles * dops.world_size

@@ -1,6 +1,6 @@
 """The fused ops: validated Python entry points over ``torch.ops.pathsmc.*``.
 
-Shapes (DESIGN.md): states ``x`` are ``(B, N, D)``, also accepted as ``(N, D)`` (B = 1) or
+Shapes (docs/design.md): states ``x`` are ``(B, N, D)``, also accepted as ``(N, D)`` (B = 1) or
 ``(B, N, *event)`` (flattened to D, a view for contiguous input); log-weights are ``(B, N)``
 or ``(N,)``. Outputs come back in the caller's shapes. Every op draws its randomness with an
 in-kernel counter-based Philox stream seeded from ``generator`` (the default generator of
@@ -17,11 +17,13 @@ log mean weight -inf; it is never resampled.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 import pathsmc._build  # noqa: F401  (loads the extension and registers torch.ops.pathsmc)
+from pathsmc import _autograd
 from pathsmc._validate import (
     FLOAT_DTYPES,
     check_positive,
@@ -62,11 +64,26 @@ def _check_logw(logw, name: str, b: int, n: int, device) -> torch.Tensor:
     return lw
 
 
+def _number(v, name: str) -> float:
+    """A real number (not a string, bool or tensor), else a TypeError naming the argument."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+def _recording(*tensors) -> bool:
+    """True when autograd records a graph through any of ``tensors``."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+
+
 def _scalar_or_rows(v, name: str, b: int, device, *, allow_zero: bool = False):
     """(scalar for the op, per-row float64 tensor or None) from a float or a (B,) tensor."""
     if not isinstance(v, torch.Tensor):
-        return check_positive(v, name, allow_zero=allow_zero), None
+        return check_positive(_number(v, name), name, allow_zero=allow_zero), None
     check_tensor(v, name, device=device)
+    if v.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}: a per-row tensor is not differentiable; pass {name}.detach()")
     if v.dim() > 1 or v.numel() not in (1, b):
         raise ValueError(f"{name}: expected a float or a tensor of shape ({b},), "
                          f"got shape {tuple(v.shape)}")
@@ -140,6 +157,12 @@ def em_step(
         raise ValueError("logw: ref_drifts/fwd_coef were given but logw is None; pass the "
                          "log-weights to accumulate the step weight into")
     nz = None if noise is None else _like_states(noise, "noise", x, x.shape)
+    if nz is None and _recording(x, drift, logw, *refs):
+        # The backward needs the exact ε: draw it with the same Philox stream the step would
+        # use (a plain step from 0 with zero drift, h = σ = 1 returns ε) and pass it in.
+        zero = torch.zeros_like(x3)
+        nz = _ops.em_step(zero, zero, None, 1.0, 1.0, [], [], 0.0, 0.0, None, generator,
+                          None, None)[0]
     x_new, lw_new = _ops.em_step(x3, d3, lw, dt, sigma, refs, coefs, float(fwd_coef),
                                  float(fwd_linear), nz, generator, row_dt, row_sigma)
     if x.dim() != 3:
@@ -170,8 +193,8 @@ def kernel_logpdf(
     b, n, _ = y3.shape
     base3 = _like_states(base, "base", y, y.shape)
     dr3 = None if drift is None else _like_states(drift, "drift", y, y.shape)
-    dt = check_positive(dt, "dt")
-    sigma = check_positive(sigma, "sigma")
+    dt = check_positive(_number(dt, "dt"), "dt")
+    sigma = check_positive(_number(sigma, "sigma"), "sigma")
     lw = _check_logw(logw, "logw", b, n, y.device)
     out = _ops.kernel_logpdf(y3, base3, dr3, dt, sigma, lw, float(coef), float(linear))
     return out.view(logw.shape)
@@ -402,3 +425,6 @@ def _replica_swap_fake(states, log_ratio, parity, uniforms, generator):
         log_ratio.new_empty((km1, c), dtype=torch.bool),
         log_ratio.new_empty((km1 + 1, c), dtype=torch.int64),
     )
+
+
+_autograd.register()

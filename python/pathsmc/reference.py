@@ -2,7 +2,7 @@
 
 Same signatures and semantics as :mod:`pathsmc.ops`, written the plain way (Gaussian
 log-densities, ``softmax`` + ``cumsum`` + ``searchsorted``, advanced indexing). They are the
-ground truth for the op tests and the baseline for the benchmarks. Shapes follow DESIGN.md:
+ground truth for the op tests and the baseline for the benchmarks. Shapes follow docs/design.md:
 states ``(B, N, D)``, log-weights ``(B, N)``. When no explicit noise/uniforms are passed, the
 references draw them with ``torch.randn`` / ``torch.rand`` (a different stream than the
 kernels' in-kernel Philox, so only the distributions agree).
@@ -60,7 +60,7 @@ def em_step(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One Euler–Maruyama step with the path-RND log-weight increment (DESIGN.md)."""
+    """One Euler–Maruyama step with the path-RND log-weight increment (docs/design.md)."""
     shape = x.shape
     x, drift = states_to_bnd(x, "x"), states_to_bnd(drift, "drift")
     ref_drifts = [states_to_bnd(r, "ref_drifts") for r in ref_drifts or ()]

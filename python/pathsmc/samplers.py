@@ -27,7 +27,7 @@ Path: the geometric bridge ``π_β ∝ ref^{1−β} · γ^β`` from a normalized
    (:func:`incremental_log_weight`), accumulated in float64.
 3. **Resampling** with :func:`pathsmc.ops.adaptive_resample` (rows with ESS < threshold·N;
    ``threshold >= 1`` resamples every step). Resampled rows reset their weights to
-   their running log Ẑ, so ``log Ẑ = logsumexp(logw) − log N`` at the end (DESIGN.md).
+   their running log Ẑ, so ``log Ẑ = logsumexp(logw) − log N`` at the end (docs/design.md).
    (The waste-free variant, below, replaces steps 3 and 4.)
 4. **MALA moves** targeting π_β', ``mcmc_steps`` per temperature: the proposal
    ``x' = x + h∇log π_β'(x) + √(2h)·ε`` goes through :func:`pathsmc.ops.em_step` and the
@@ -80,7 +80,8 @@ from pathsmc import ops
 from pathsmc import ops as _fused_ops
 from pathsmc._deprecation import renamed_argument
 from pathsmc.diagnostics import collapse_messages, warn_collapse
-from pathsmc.smc import _dead_rows, _progress, weights_from_log_norm
+from pathsmc.progress import progress_bar
+from pathsmc.smc import _dead_rows, weights_from_log_norm
 from pathsmc.targets.boltzmann import DiagonalGaussian
 
 __all__ = [
@@ -408,7 +409,7 @@ def annealed_smc(
     step_h = torch.zeros(max_steps, b, dtype=f64, device=device)
     forced = torch.zeros(b, dtype=torch.bool, device=device)
     steps = 0
-    with _progress(max_steps, progress, desc) as bar:
+    with progress_bar(max_steps, progress, desc) as bar:
         for k in range(max_steps):
             # 1. next temperature per row (device-side bisection).
             if schedule is not None:

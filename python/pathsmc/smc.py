@@ -22,7 +22,6 @@ Log-weights carry the evidence (docs/design.md): resampling resets a row's weigh
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,6 +30,7 @@ import torch
 
 from pathsmc import ops as fused_ops
 from pathsmc.diagnostics import collapse_messages, warn_collapse
+from pathsmc.progress import progress_bar
 
 __all__ = ["CapturedSMC", "FeynmanKacModel", "SMCResult", "smc"]
 
@@ -131,11 +131,8 @@ class SMCResult:
 
 
 def _progress(total: int, enabled: bool | None, desc: str):
-    from tqdm.auto import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr)
+    # kept for callers outside the package; the drivers use pathsmc.progress.progress_bar
+    return progress_bar(total, enabled, desc)
 
 
 def smc(
@@ -180,7 +177,7 @@ def smc(
                            generator=generator, ops=ops).run()
     ops = fused_ops if ops is None else ops
     steps = _check_run_args(model, particles, batch)
-    with _progress(steps, progress, desc) as bar:
+    with progress_bar(steps, progress, desc) as bar:
         out = _run(model, particles, batch, steps, threshold, scheme, generator, ops, bar.update)
     result = _result(*out)
     warn_collapse(desc, result.warnings)

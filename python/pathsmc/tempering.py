@@ -88,8 +88,8 @@ import torch
 
 from pathsmc import ops
 from pathsmc._deprecation import renamed_argument
+from pathsmc.progress import progress_bar
 from pathsmc.samplers import _eval, adapt_log_step, mala_step
-from pathsmc.smc import _progress
 
 __all__ = [
     "MonotoneCubic",
@@ -895,7 +895,7 @@ class ParallelTempering:
         if report:
             print(RoundStats.header())
         total = sum(2 ** (self.round_count + r) for r in range(rounds))
-        bar = _progress(total, progress, "parallel tempering")
+        bar = progress_bar(total, progress, "parallel tempering")
         for r in range(rounds):
             final = r == rounds - 1
             schedules.append(self.betas_host.clone())

@@ -34,6 +34,13 @@ struct RowStep {
   }
 };
 
+// 0 for a finite x' and NaN for a non-finite one: added to the proposal sum, it makes a
+// particle whose state became inf/NaN dead (NaN log-weight) without a branch or host sync.
+template <typename T>
+PATHSMC_HD double nonfinite_to_nan(T x_new) {
+  return static_cast<double>(x_new) * 0.0;
+}
+
 template <typename T>
 PATHSMC_HD T ref_residual(T a, T b, T h_over_s, T eps) {
   return (a - b) * h_over_s + eps;

@@ -53,6 +53,8 @@ def train_diffusion_twist(
         raise ValueError(f"objective: expected one of {DIFFUSION_OBJECTIVES}, got {objective!r}")
     buffer = ReplayBuffer(20 * particles) if buffer is None else buffer
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    # cosine decay: the late, small steps average out the Monte Carlo noise of the paths
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, int(iterations))
     times = None
     losses = []
     for it in range(int(iterations)):
@@ -72,6 +74,7 @@ def train_diffusion_twist(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(float(loss.detach()))
     return losses
 
