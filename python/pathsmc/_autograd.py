@@ -1,14 +1,15 @@
-"""Autograd formulas of ``torch.ops.pathsmc.*`` (registered with ``torch.library.register_autograd``).
+"""Autograd formulas of ``torch.ops.pathsmc.*`` (``torch.library.register_autograd``).
 
 What is differentiable (the same for the raw ops and the wrappers in :mod:`pathsmc.ops`):
 
 - ``em_step``: ``x'`` w.r.t. ``x``, ``drift`` and ``noise`` (reparameterized: ``x' = x + a·h +
   s·ε`` with the noise held fixed); ``logw'`` w.r.t. ``x``, ``drift``, every reference drift,
   ``logw`` and ``noise``. Scalars (``dt``, ``sigma``, coefficients) are constants; per-row
-  ``dt``/``sigma`` tensors are not differentiable (an error if they require grad). When the
-  noise was drawn in-kernel the backward recovers it as ``ε = (x' − x − a·h)/s`` (exact in
-  float64; :func:`pathsmc.ops.em_step` passes the noise explicitly whenever a graph is being
-  recorded, so its gradients never rely on that recovery).
+  ``dt``/``sigma`` tensors are not differentiable (a ValueError at the forward if they require
+  grad). When the noise was drawn in-kernel the backward recovers it as
+  ``ε = (x' − x − a·h)/s`` (exact in float64; :func:`pathsmc.ops.em_step` passes the noise
+  explicitly whenever a graph is being recorded, so its gradients never rely on that
+  recovery).
 - ``kernel_logpdf``: w.r.t. ``y``, ``base``, ``drift`` and ``logw`` (``dt``, ``sigma``, ``coef``,
   ``linear`` are constants).
 - ``normalize``: all three outputs w.r.t. ``logw`` (dead particles get zero gradient).
@@ -34,10 +35,13 @@ def _rows(v: torch.Tensor | None, scalar: float, b: int):
     return scalar if v is None else v.detach().to(torch.float64).reshape(b, 1, 1)
 
 
-def _no_grad_rows(ctx, name: str) -> None:
-    if name in ctx.rows_need_grad:
-        raise RuntimeError(f"pathsmc.em_step: {name} given as a per-row tensor is not "
-                           "differentiable; detach it")
+def _no_grad_rows(**rows: torch.Tensor | None) -> None:
+    """Per-row step sizes are constants of the backward: refuse them when they require grad
+    (at the forward, before a graph is built)."""
+    for name, v in rows.items():
+        if v is not None and v.requires_grad:
+            raise ValueError(f"{name}: a per-row step tensor of pathsmc::em_step is not "
+                             f"differentiable, but it requires grad; pass {name}.detach()")
 
 
 # ---- em_step ------------------------------------------------------------------------------
@@ -47,14 +51,11 @@ def _em_step_setup(ctx, inputs, output):
      row_sigma) = inputs
     ctx.scalars = (dt, sigma, list(coefs), fwd_coef, fwd_linear)
     ctx.has_logw, ctx.has_noise, ctx.n_refs = logw is not None, noise is not None, len(refs)
-    ctx.rows_need_grad = [n for n, v in (("dt", row_dt), ("sigma", row_sigma))
-                          if v is not None and v.requires_grad]
+    _no_grad_rows(row_dt=row_dt, row_sigma=row_sigma)
     ctx.save_for_backward(x, drift, noise, output[0], row_dt, row_sigma, *refs)
 
 
 def _em_step_backward(ctx, g_xnew, g_logw):
-    _no_grad_rows(ctx, "dt")
-    _no_grad_rows(ctx, "sigma")
     x, drift, noise, x_new, row_dt, row_sigma, *refs = ctx.saved_tensors
     dt, sigma, coefs, fwd_coef, lam, = ctx.scalars
     b = x.shape[0]
@@ -86,8 +87,13 @@ def _em_step_backward(ctx, g_xnew, g_logw):
     elif ctx.has_logw:
         g_lw = None
     g_noise = g_eps.to(x.dtype) if ctx.has_noise else None
-    return (g_x.to(x.dtype), g_a.to(drift.dtype), g_lw, None, None, g_refs, None,
-            None, None, g_noise, None, None, None)
+    # an empty float list reads as an empty tensor list to autograd: mirror it
+    g_coefs = [] if not coefs else None
+    grads = (g_x.to(x.dtype), g_a.to(drift.dtype), g_lw, None, None, g_refs, g_coefs,
+             None, None, g_noise, None, None, None)
+    # the dispatcher drops trailing arguments equal to their defaults (row_dt/row_sigma None)
+    # from the inputs autograd sees; return one gradient per input it saw
+    return grads[:len(ctx.needs_input_grad)]
 
 
 # ---- kernel_logpdf ------------------------------------------------------------------------
