@@ -3,7 +3,7 @@ models.
 
 :class:`ValueNetwork` gives both the potential and the guidance ``∇V`` —
 ``net.twist()`` is a ``value(x, t) -> (V, ∇V)`` callable for ``steer(mode="twisted")``.
-:class:`TokenValue` is a :class:`~pathsmc.targets.sequence.SequenceTwist` (callable by the
+:class:`TokenValue` is a :class:`~pathsmc.twisted_sequence.SequenceTwist` (callable by the
 token twisted-SMC driver) with a learned to-go table and a learned ``log Z``.
 """
 
