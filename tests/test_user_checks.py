@@ -335,3 +335,68 @@ def test_sample_reward_factory_with_its_args_runs(tmp_path):
     path = sample_config(tmp_path, steer={"mode": "reward", "reward": "user_fns:make_reward",
                                           "reward_args": {"scale": 0.5}})
     assert run_sample(path, out=tmp_path / "out", progress=False) == 0
+
+
+# ---- the spread of log Ẑ across replicate rows ---------------------------------------------
+
+M2D = M2  # a 2-D mixture; p^3 with a handful of particles spreads log Ẑ by nats
+
+
+def test_spread_across_replicate_rows_warns():
+    """β = 3 on the 2-D mixture, 16 particles: every row finishes (ESS fine in most rows), but
+    log Ẑ spreads by ~1.8 nats across the 32 replicate rows — the estimate is meaningless."""
+    with pytest.warns(CollapseWarning, match=r"log Ẑ spreads by \d\.\d\d nats \(sd\) across 32 "
+                                             r"replicate rows"):
+        res = run(M2D, beta=3.0, particles=16, steps=50, batch=32)
+    assert res.replicate_spread()["sd"] > 1.0
+    assert any("spreads" in w for w in res.warnings) and "spreads" in res.summary()
+
+
+def test_spread_is_checked_only_for_replicates():
+    # the same run with the rows declared different problems: no spread message
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollapseWarning)
+        res = run(M2D, beta=3.0, particles=16, steps=50, batch=32, replicates=False)
+    assert res.replicate_spread()["sd"] > 1.0
+    assert not any("spreads" in w for w in res.warnings)
+    # conditioned rows are not replicates by default; reward rows only when told so
+    cond = DiffusionModel(lambda x, t, c: M2.fn(x, t), VP, condition=torch.zeros(32), dim=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollapseWarning)
+        res = run(cond, beta=3.0, particles=16, steps=50, batch=32)
+    assert not any("spreads" in w for w in res.warnings)
+    with pytest.warns(CollapseWarning, match="replicate rows"):
+        run(M2D, "reward", reward=lambda x: 3.0 * x.double()[..., 0], particles=4, steps=20,
+            batch=32, replicates=True)
+
+
+def test_sound_replicates_do_not_warn():
+    res = quiet(lambda: run(M2D, beta=0.5, particles=256, steps=20, batch=32))
+    assert res.replicate_spread()["sd"] < 0.3 and res.warnings == []
+
+
+def test_spread_message_limits():
+    from pathsmc.diagnostics import SPREAD_LIMIT, spread_message
+
+    lz = torch.tensor([0.0, 1.0, 2.0, 3.0, -3.0, float("-inf")], dtype=torch.float64)
+    assert "across 5 replicate rows" in spread_message(lz)  # the −inf row is left out
+    assert spread_message(lz[:3]) is None  # too few rows to tell
+    # sd 0.92 (n − 1 in the denominator): under the limit
+    assert spread_message(0.8 * SPREAD_LIMIT * torch.tensor([1.0, -1.0, 1.0, -1.0])) is None
+
+
+def test_sample_report_warns_on_spread(tmp_path, capsys):
+    from pathsmc.sample import run_sample
+
+    path = sample_config(tmp_path, batch=16, particles=4, steps=20,
+                         steer={"mode": "reward", "reward": "user_fns:make_reward",
+                                "reward_args": {"scale": 4.0}})
+    run_sample(path, out=tmp_path / "out", progress=False)
+    assert "WARNING: log Ẑ spreads by" in capsys.readouterr().out
+    # with a per-row condition the rows are different problems: no spread line
+    path = sample_config(tmp_path, batch=16, particles=4, steps=20,
+                         model={"condition": list(range(16))},
+                         steer={"mode": "reward", "reward": "user_fns:make_reward",
+                                "reward_args": {"scale": 4.0}})
+    run_sample(path, out=tmp_path / "out2", progress=False)
+    assert "spreads" not in capsys.readouterr().out

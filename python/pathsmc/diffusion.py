@@ -687,6 +687,7 @@ def steer(
     ops: Any = None,
     progress: bool | None = None,
     cuda_graph: bool = False,
+    replicates: bool | None = None,
 ) -> SMCResult:
     """Steer a pretrained diffusion model with SMC along its reverse-time Euler–Maruyama chain.
 
@@ -750,7 +751,8 @@ def steer(
     ``(B, N)`` (rewards, values, log-densities); errors name the function. Inside the loop
     nothing is read back: particles that die there (NaN / inf output) are counted at the end
     (``result.dead_particles``), and a collapse of the weights (ESS below a few particles,
-    a non-finite log Ẑ) is reported in ``result.warnings`` and as a
+    a non-finite log Ẑ, log Ẑ spreading by more than a nat across replicate rows — see
+    ``replicates``) is reported in ``result.warnings`` and as a
     :class:`pathsmc.diagnostics.CollapseWarning` — e.g. a reward tilt far from what the
     model generates.
 
@@ -800,6 +802,12 @@ def steer(
             and values must then be free of host reads (``.item()``, ``bool(tensor)``). One
             captured run is not faster than an eager one; for repeated runs keep a
             ``CapturedSMC(steering_model(...), ...)`` and replay it.
+        replicates: the rows are replicates of one problem, so a spread of log Ẑ across them
+            above :data:`pathsmc.diagnostics.SPREAD_LIMIT` nats is reported as a collapse
+            (the estimate is then meaningless). Default (None): true for ``"temper"`` and
+            ``"product"`` runs of several rows whose models have no ``condition`` (every row
+            then has the same target); rewards and values may differ per row, so say
+            ``replicates=True`` for tilts that are the same in every row.
 
     Returns:
         :class:`pathsmc.smc.SMCResult`: ``particles`` ``(B, N, D)``, ``logw``, ``log_z``
@@ -817,9 +825,13 @@ def steer(
                         device=device, dtype=dtype, ops=ops)
     if threshold is None:
         threshold = default_threshold(fk.betas)
+    if replicates is None:
+        replicates = (batch > 1 and getattr(fk, "mode", None) in ("temper", "product")
+                      and all(isinstance(m, DiffusionModel) and m.condition is None
+                              for m in getattr(fk, "models", [None])))
     return smc(fk, particles, batch, threshold=threshold if fk.weighted else 0.0,
                scheme=scheme, generator=generator, progress=progress, desc=f"steer:{mode}",
-               ops=fk.ops, cuda_graph=cuda_graph)
+               ops=fk.ops, cuda_graph=cuda_graph, replicates=bool(replicates))
 
 
 def steering_model(

@@ -569,7 +569,7 @@ def _run_chunk(cfg: JobConfig, job: _Job, index: int, start: int, stop: int,
                     st["mode"], particles=cfg.particles, batch=stop - start, steps=cfg.steps,
                     dim=cfg.dim, t_end=cfg.t_end, threshold=cfg.threshold, scheme=cfg.scheme,
                     seed=seed, device=_rank_device(cfg.device), dtype=DTYPES[cfg.dtype],
-                    progress=progress, **kwargs)
+                    progress=progress, replicates=False, **kwargs)  # the report checks all rows
     except (TypeError, ValueError, RuntimeError) as exc:
         key = _user_function_key(cfg, str(exc))
         if key is None:
@@ -584,6 +584,17 @@ def _run_chunk(cfg: JobConfig, job: _Job, index: int, start: int, stop: int,
         "dead_rows": {start + r: s for r, s in res.dead_rows.items()},
         "dead_particles": res.dead_particles,
     }
+
+
+def replicate_rows(cfg: JobConfig) -> bool:
+    """Whether the job's rows are replicates of one problem: no model has a per-row
+    ``condition`` (rewards and values see no row index in a config). The report then warns
+    when log Ẑ spreads across the rows by more than
+    :data:`pathsmc.diagnostics.SPREAD_LIMIT` nats."""
+    for m in cfg.models:
+        if m.condition is not None and torch.as_tensor(m.condition).dim() >= 1:
+            return False
+    return True
 
 
 def _user_function_key(cfg: JobConfig, msg: str) -> str | None:
@@ -784,7 +795,8 @@ def _report(cfg: JobConfig, result: dict[str, Any], *, resumed: int, seconds: fl
         lines.append("  dead rows: none")
     if cfg.mode != "uncorrected" or bool(result["dead_particles"].any()):
         for w in collapse_messages(result["log_z"], ess.min(0).values, final,
-                                   result["dead_particles"], n):
+                                   result["dead_particles"], n,
+                                   replicates=cfg.mode != "uncorrected" and replicate_rows(cfg)):
             lines.append(f"  WARNING: {w}")
     lines.append(f"  time: {seconds:.2f} s; wrote {', '.join(files)}")
     return "\n".join(lines)

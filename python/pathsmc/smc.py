@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 
 from pathsmc import ops as fused_ops
-from pathsmc.diagnostics import collapse_messages, warn_collapse
+from pathsmc.diagnostics import collapse_messages, replicate_spread, warn_collapse
 from pathsmc.progress import progress_bar
 
 __all__ = ["CapturedSMC", "FeynmanKacModel", "SMCResult", "smc"]
@@ -105,6 +105,12 @@ class SMCResult:
         """How many times each row resampled ``(B,)``."""
         return self.resampled.sum(0)
 
+    def replicate_spread(self) -> dict[str, float]:
+        """Mean, standard deviation and standard error of the finite log Ẑ across the rows,
+        and their number — meaningful when the rows are replicates of one problem
+        (:func:`pathsmc.diagnostics.replicate_spread`)."""
+        return replicate_spread(self.log_z)
+
     def summary(self) -> str:
         """A short report: log Ẑ, final and minimum ESS, resampling count, dead rows."""
         n = self.logw.shape[-1]
@@ -147,6 +153,7 @@ def smc(
     desc: str = "smc",
     ops=None,
     cuda_graph: bool = False,
+    replicates: bool = False,
 ) -> SMCResult:
     """Run the Feynman–Kac model with adaptive resampling.
 
@@ -166,20 +173,24 @@ def smc(
             one (the capture runs the model twice); it checks that the model can be captured.
             For throughput keep a :class:`CapturedSMC` and call its ``run()`` repeatedly. CUDA
             only; no progress bar.
+        replicates: the rows are replicates of one problem (the same target in each): also
+            warn when log Ẑ spreads across them by more than
+            :data:`pathsmc.diagnostics.SPREAD_LIMIT` nats (the estimate is then meaningless).
 
     Returns:
         :class:`SMCResult`. Collapse (a row's ESS below a few particles, a non-finite log Ẑ,
-        particles killed by non-finite output) is reported in ``result.warnings``,
+        particles killed by non-finite output; with ``replicates``, log Ẑ spreading widely
+        across the rows) is reported in ``result.warnings``,
         ``result.dead_particles`` and one :class:`pathsmc.diagnostics.CollapseWarning`.
     """
     if cuda_graph:
         return CapturedSMC(model, particles, batch, threshold=threshold, scheme=scheme,
-                           generator=generator, ops=ops).run()
+                           generator=generator, ops=ops, replicates=replicates).run()
     ops = fused_ops if ops is None else ops
     steps = _check_run_args(model, particles, batch)
     with progress_bar(steps, progress, desc) as bar:
         out = _run(model, particles, batch, steps, threshold, scheme, generator, ops, bar.update)
-    result = _result(*out)
+    result = _result(*out, replicates=replicates)
     warn_collapse(desc, result.warnings)
     return result
 
@@ -236,7 +247,8 @@ def _dead_now(states: list[torch.Tensor], logw: torch.Tensor) -> torch.Tensor:
 
 
 def _result(states: list[torch.Tensor], logw: torch.Tensor, ess_hist: torch.Tensor,
-            res_hist: torch.Tensor, dead: torch.Tensor | None = None) -> SMCResult:
+            res_hist: torch.Tensor, dead: torch.Tensor | None = None, *,
+            replicates: bool = False) -> SMCResult:
     """The result with its diagnostics: one host read of the (B,)-sized summaries."""
     n = logw.shape[-1]
     log_z = torch.logsumexp(torch.nan_to_num(logw.double(), nan=-math.inf), -1) - math.log(n)
@@ -247,7 +259,7 @@ def _result(states: list[torch.Tensor], logw: torch.Tensor, ess_hist: torch.Tens
         log_z = torch.where(bad_x, torch.nan, log_z)
     lz, min_ess, fin_ess = (t.cpu() for t in (log_z, ess_hist.min(0).values, ess_hist[-1]))
     dead_cpu = None if dead is None else dead.cpu()
-    msgs = collapse_messages(lz, min_ess, fin_ess, dead_cpu, n)
+    msgs = collapse_messages(lz, min_ess, fin_ess, dead_cpu, n, replicates=replicates)
     return SMCResult(states, logw, log_z, ess_hist, res_hist, dead_rows, dead_cpu, msgs)
 
 
@@ -282,13 +294,15 @@ class CapturedSMC:
 
     def __init__(self, model: FeynmanKacModel, particles: int, batch: int = 1, *,
                  threshold: float = 0.5, scheme: str = "systematic",
-                 generator: torch.Generator | None = None, ops=None) -> None:
+                 generator: torch.Generator | None = None, ops=None,
+                 replicates: bool = False) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("cuda_graph: CUDA graphs need a GPU (none is available)")
         if generator is not None and generator.device.type != "cuda":
             raise ValueError(f"generator: a captured run needs a CUDA generator, got one on "
                              f"{generator.device}")
         self.steps = _check_run_args(model, particles, batch)
+        self.replicates = bool(replicates)
         self.device = (generator.device if generator is not None
                        else torch.device("cuda", torch.cuda.current_device()))
         if self.device.index is None:
@@ -322,7 +336,7 @@ class CapturedSMC:
         self.graph.replay()
         states, logw, ess, res, dead = self._out
         return _result([s.clone() for s in states], logw.clone(), ess.clone(), res.clone(),
-                       dead.clone())
+                       dead.clone(), replicates=self.replicates)
 
 
 def _check_step_output(states: Sequence[torch.Tensor], logw: torch.Tensor, b: int, n: int,
