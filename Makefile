@@ -65,11 +65,10 @@ $(DEPS):
 	 if [ -n "$$opt" ]; then \
 	   $(PIP) $$opt || echo "make: optional$$opt not installed (no plots / no lint)"; \
 	 fi
-	@for m in $(EXTRAS); do $(VPY) -c "import $$m" 2>/dev/null || ext="$$ext $$m"; done; \
-	 if [ -n "$$ext" ]; then \
-	   $(PIP) $$(echo $$ext | sed 's/sklearn/scikit-learn/') || \
-	     echo "make: extras$$ext not installed (their tests skip; carry wheels on offline hosts)"; \
-	 fi
+	@for m in $(EXTRAS); do $(VPY) -c "import $$m" 2>/dev/null && continue; \
+	   $(PIP) $$(echo $$m | sed 's/sklearn/scikit-learn/') 2>/dev/null || \
+	     echo "make: extra $$m not installed (its tests skip; offline hosts: tools/fetch_gpu_wheels.sh)"; \
+	 done
 	@$(VPY) -c "import cmake" 2>/dev/null || cmake --version | grep -q "version [4-9]" || $(PIP) "cmake>=4"
 	@touch $@
 
