@@ -400,6 +400,31 @@ def test_default_times_and_adaptation() -> None:
     assert sum(res.substeps) >= 20 and all(s >= 1 for s in res.substeps)
 
 
+def test_user_functions_see_the_documented_shapes() -> None:
+    """The CREPE docstring's contract: the model is called on (B, C, D) and on the two swap
+    paths stacked along the chain axis, (B, 2C, D); log_prob and reward on (B, C, D)."""
+    seen: dict[str, set] = {"fn": set(), "log_prob": set(), "reward": set()}
+    exact_model = model(MIX1)
+
+    def fn(x, t, cond):
+        seen["fn"].add(tuple(x.shape))
+        return exact_model.fn(x, t)
+
+    def log_prob(x, t, cond):
+        seen["log_prob"].add(tuple(x.shape))
+        return exact_model.log_prob(x, t)
+
+    def reward(x):
+        seen["reward"].add(tuple(x.shape))
+        return 0.1 * x.double()[..., 0]
+
+    m = DiffusionModel(fn, VP, condition=torch.arange(3), log_prob=log_prob, dim=1)
+    crepe([m, m], beta=[1.0, 0.5], reward=reward, num_levels=4, max_step=0.1, particles=8,
+          batch=3, burn_in=2, rounds=3, seed=1)
+    assert seen == {"fn": {(3, 8, 1), (3, 16, 1)}, "log_prob": {(3, 8, 1)},
+                    "reward": {(3, 8, 1)}}
+
+
 def test_argument_errors() -> None:
     m = model(MIX1, scores_only=True)
     with pytest.raises(ValueError, match="times"):

@@ -724,13 +724,18 @@ def steer(
     itself otherwise (VP: p_1 ≈ N(0, I); VE: ≈ N(0, σ_max² I)).
 
     The path-RND weights are exact in the continuous-time limit; with finitely many steps the
-    target is that of the discretized chain, and log Ẑ carries an O(h) bias of about
-    0.4·h nats on a 1-D two-component mixture (classifier-free guidance and the exact twist:
-    +0.008 nats at 50 steps, +0.004 at 100, +0.001 at 200). To shrink it: more ``steps``, a
-    finer grid near t = 0 where the score is stiffest (``times``), or — when every model has
-    an exact ``log_prob`` — ``weighting="density"``, which replaces the RND by the exact
-    intermediate targets ``Π_k p_{k,t}^{β_k}`` (forward kernel only, c_f = 1): then Ẑ is
-    unbiased for any number of steps.
+    target is that of the discretized chain, and log Ẑ carries an O(h) bias (h = 1/steps)
+    that grows with the target's sharpness. Measured on a 1-D two-component mixture
+    (``bench/steer_bias.py``, E[log Ẑ] − log Z ± its standard error): the exact twist
+    (``"twisted"``) +0.0113 ± 0.0006 nats at 50 steps, +0.0058 ± 0.0004 at 100,
+    +0.0030 ± 0.0003 at 200 (about 0.6·h); classifier-free guidance with w = 1.5
+    +0.046 ± 0.004, +0.022 ± 0.004, +0.004 ± 0.003 (about 2·h); p^0.5 within ± 0.005 at
+    every step count. To shrink it: more ``steps``; a grid finer near t = 0, where the score
+    is stiffest (``times``; ``(1 − k/K)²`` took the exact twist at 50 steps from +0.0113 to
+    +0.0035 ± 0.0006); or — when every model has an exact ``log_prob`` —
+    ``weighting="density"``, which replaces the RND by the exact intermediate targets
+    ``Π_k p_{k,t}^{β_k}`` (forward kernel only, c_f = 1): then Ẑ is unbiased for any number
+    of steps (−0.0003 ± 0.0009 at 50 steps).
 
     Sharpening targets (Σ_k β_k > 1: β > 1, products of two models) are hard for the annealed
     proposal, which contracts faster than the target (for Gaussians its variance goes to
