@@ -11,7 +11,6 @@ cd "$(dirname "$0")/.."
 PACKAGES=(diffusers pillow huggingface-hub safetensors importlib-metadata zipp
           blackjax optax chex absl-py toolz)
 mkdir -p wheels
-grep -qx "wheels/" .git/info/exclude 2>/dev/null || echo "wheels/" >> .git/info/exclude
 for p in "${PACKAGES[@]}"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d wheels "$p" 2>&1 | grep -v "^WARNING: Location" || true
