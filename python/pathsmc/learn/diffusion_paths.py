@@ -6,9 +6,10 @@ ELBO.
 The reference kernel is the model's reverse Euler–Maruyama kernel
 ``p_ref(x'|x) = N(x'; x + b(x, t) h, g² h)`` and the proposal adds the guidance
 ``g² ∇V_θ(x, t)`` to the drift (blog eq. 12, 14). Both log-densities come from the ops
-(``em_step`` / ``kernel_logpdf``; pass ``ops=pathsmc.reference`` until the fused ops
-differentiate). The soft value of the continuous-time process makes the residuals zero only up
-to the discretization (see docs/learn.md for the measured order).
+(``em_step`` / ``kernel_logpdf``): by default the fused :mod:`pathsmc.ops`, whose backward
+formulas (:mod:`pathsmc._autograd`) give the same gradients as autograd through
+``ops=pathsmc.reference``. The soft value of the continuous-time process makes the residuals
+zero only up to the discretization (see docs/learn.md for the measured order).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+import pathsmc.ops as fused_ops
 import pathsmc.reference as reference_ops
 from pathsmc.diffusion import DiffusionModel, time_grid
 from pathsmc.smc import smc
@@ -28,7 +30,7 @@ __all__ = ["DiffusionPaths", "diffusion_log_ratios", "reparameterized_log_weight
 
 
 def _default_ops(ops):
-    return reference_ops if ops is None else ops
+    return fused_ops if ops is None else ops
 
 
 def _log_prior(x: torch.Tensor, std: float) -> torch.Tensor:
@@ -134,13 +136,11 @@ def sample_diffusion_paths(
     ``V_{t−h}(x') − V_t(x)``, guidance ``guidance · g² ∇V``, terminal potential ``r``) that
     returns the whole paths of the final particles with their weights, detached.
     ``threshold=0``: no resampling (independent paths from the proposal)."""
-    import pathsmc.ops as fused
-
     if model.dim is None:
         raise ValueError("model: build the DiffusionModel with dim=... (the event size)")
     times = time_grid(steps)
     fk = _RecordingTwistedSMC(model, value, reward, times, float(guidance), int(model.dim),
-                              dtype, device, fused if ops is None else ops)
+                              dtype, device, _default_ops(ops))
     res = smc(fk, particles, batch, threshold=threshold, generator=generator, progress=False,
               ops=fk.ops)
     return DiffusionPaths(res.states[1].detach(), times, res.logw.detach(),
