@@ -154,16 +154,16 @@ CASES = {
     # tempering p^0.5 of a scores-only model, path-RND acceptance (the CREPE of the paper)
     "temper-path": ("temper-0.5", PATH_ALLOWANCE, lambda: dict(
         model=model(MIX1, scores_only=True), beta=0.5, weighting="path", max_step=0.01,
-        num_levels=10, num_chains=512, burn_in=80, adapt_times=1, rounds=160, seed=1)),
+        num_levels=10, particles=512, burn_in=80, adapt_times=1, rounds=160, seed=1, dtype=F64)),
     # sharpening p^2 with the exact densities in the acceptance: exact at a coarse step
     "temper-density": ("temper-2", NO_ALLOWANCE, lambda: dict(
         model=model(MIX1), beta=2.0, weighting="density", max_step=0.05, num_levels=8,
-        num_chains=512, burn_in=100, adapt_times=1, rounds=200, seed=2)),
+        particles=512, burn_in=100, adapt_times=1, rounds=200, seed=2, dtype=F64)),
     # a product of two mixture models, exact densities in the acceptance
     "product-density": ("product", NO_ALLOWANCE, lambda: dict(
         model=[model(MIX1), model(EXPERT2)], beta=[1.0, 1.0], weighting="density",
-        max_step=0.05, num_levels=8, num_chains=512, burn_in=100, adapt_times=1, rounds=200,
-        seed=3)),
+        max_step=0.05, num_levels=8, particles=512, burn_in=100, adapt_times=1, rounds=200,
+        seed=3, dtype=F64)),
 }
 
 
@@ -268,8 +268,8 @@ def test_acceptance_is_the_path_rnd() -> None:
         swaps.append((log_ratio.clone(), parity))
         return ops.replica_swap(states, log_ratio, parity, uniforms, generator)
 
-    sampler = CREPE(m, beta=beta, times=[0.0, 0.2, 1.0], max_step=0.05, num_chains=c,
-                    generator=torch.Generator().manual_seed(0),
+    sampler = CREPE(m, beta=beta, level_times=[0.0, 0.2, 1.0], max_step=0.05, particles=c,
+                    generator=torch.Generator().manual_seed(0), dtype=F64,
                     ops=SimpleNamespace(em_step=em_step, replica_swap=replica_swap))
     x_before = sampler.x.clone()
     calls.clear()
@@ -310,9 +310,9 @@ def test_exact_reversal_accepts_every_swap() -> None:
     kernel is the model's, c = (0.5, 0.5), c_f = 0, so Δ ≡ 0 and every swap is accepted; so
     is every swap of one model at β = 1 (where the noising path needs no evaluations)."""
     m = model(MIX1, scores_only=True)
-    two = crepe([m, m], beta=[0.5, 0.5], rounds=6, num_levels=5, max_step=0.05, num_chains=16,
+    two = crepe([m, m], beta=[0.5, 0.5], rounds=6, num_levels=5, max_step=0.05, particles=16,
                 seed=0)
-    one = crepe(m, rounds=6, num_levels=5, max_step=0.05, num_chains=16, seed=0)
+    one = crepe(m, rounds=6, num_levels=5, max_step=0.05, particles=16, seed=0)
     torch.testing.assert_close(two.swap_accept, torch.ones_like(two.swap_accept))
     assert bool((one.swap_accept == 1).all()) and bool((one.swap_accept_empirical == 1).all())
     # at β = 1 the noising path is free: a quarter of the two-model product's evaluations
@@ -376,8 +376,8 @@ def test_reward_tilt_seo_and_batch() -> None:
     theta = torch.tensor([-0.8], dtype=F64)
     tilt = MIX1.linear_tilt(theta).mixture
     res = crepe(model(MIX1), reward=lambda x: x.double() @ theta, weighting="density",
-                max_step=0.05, num_levels=6, num_chains=256, num_problems=2, swap="seo",
-                burn_in=60, rounds=150, seed=4)
+                max_step=0.05, num_levels=6, particles=256, batch=2, swap="seo",
+                burn_in=60, rounds=150, seed=4, dtype=F64)
     mean, se = res.estimate()
     assert mean.shape == (2, 1) and se.shape == (2, 1)
     assert bool(((mean[:, 0] - float(tilt.mean()[0])).abs() < K_SE * se[:, 0]).all())
@@ -425,6 +425,19 @@ def test_user_functions_see_the_documented_shapes() -> None:
                     "reward": {(3, 8, 1)}}
 
 
+def test_default_dtype_is_what_networks_run_in() -> None:
+    """The dtype rule (docs/design.md): CREPE, like steer, defaults to float32 states, so a
+    float32 network runs without a dtype argument."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(1, 1)  # float32 weights: float64 input would raise in the matmul
+    m = DiffusionModel(lambda x, t: net(x) - x, VP, dim=1)
+    with torch.no_grad():
+        res = crepe(m, num_levels=3, max_step=0.1, particles=4, burn_in=1, rounds=2, seed=0)
+    assert res.samples.dtype == torch.float32
+    assert steer(m, "temper", beta=1.0, particles=4, steps=3, seed=0).particles.dtype == (
+        torch.float32)
+
+
 def test_argument_errors() -> None:
     m = model(MIX1, scores_only=True)
     with pytest.raises(ValueError, match="times"):
@@ -446,14 +459,14 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="init"):
         CREPE(m, num_levels=4, init=torch.zeros(3, 1, 64, 1, dtype=F64))
     with pytest.raises(ValueError, match="adapt_times"):
-        CREPE(m, num_levels=4, num_chains=4).run(2, burn_in=1, adapt_times=1)
+        CREPE(m, num_levels=4, particles=4).run(2, burn_in=1, adapt_times=1)
 
 
 @requires_cuda
 def test_cuda_rounds_do_not_sync() -> None:
     dev = "cuda"
     m = DiffusionModel.from_mixture(MIX1.to(device=dev), VP)
-    sampler = CREPE(m, beta=2.0, num_levels=6, max_step=0.05, num_chains=256, device=dev,
+    sampler = CREPE(m, beta=2.0, num_levels=6, max_step=0.05, particles=256, device=dev,
                     generator=torch.Generator(device=dev).manual_seed(0))
     acc = sampler._new_accumulators()
     for _ in range(4):  # warm-up: the model caches its diffused mixtures per time

@@ -171,6 +171,31 @@ def test_value_of_the_wrong_shape_and_a_failing_model():
         run(DiffusionModel(M1.fn, VP, dim=2))
 
 
+def test_a_value_without_a_gradient_says_so():
+    """V alone, detached from x: the guidance's autograd failed with a bare torch error."""
+    with pytest.raises(ValueError, match=r"value `.*` returned V without a gradient with "
+                                         r"respect to x .* or pass guidance=0"):
+        run(M2, "twisted", value=lambda x, t: x.detach().double().sum(-1))
+    quiet(lambda: run(M2, "twisted", value=lambda x, t: 0.1 * x.double().sum(-1)))
+    with pytest.raises(ValueError, match=r"guidance: reward `.*` at the model's denoised mean "
+                                         r".* has no gradient"):
+        run(mode="reward", reward=lambda x: x.detach().double()[..., 0], guidance=1.0)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, float("nan"), float("inf"), "0.5", True])
+def test_threshold_must_be_a_number_at_least_zero(threshold):
+    """threshold = -1 ran silently as 'never resample'."""
+    with pytest.raises(ValueError, match=r"^threshold: expected a finite number >= 0"):
+        run(threshold=threshold)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_without_cuda_says_so():
+    with pytest.raises(RuntimeError, match=r"device: 'cuda' was asked for but CUDA is not "
+                                           r"available"):
+        run(device="cuda")
+
+
 def test_log_prob_is_checked():
     bad = DiffusionModel(M1.fn, VP, log_prob=lambda x, t: torch.zeros(x.shape[:2]).numpy(), dim=1)
     with pytest.raises(TypeError, match=r"model\.log_prob `.*` returned a numpy\.ndarray"):

@@ -121,11 +121,10 @@ path is evaluated), plus the reward's denoiser at the endpoints. **A user's mode
 therefore accept x of shape (B, 2C, D)** as well as (B, C, D): the two paths are stacked
 along the chain axis (dim 1), so a per-problem ``condition`` ``(B, ...)`` must be broadcast
 over dim 1 whatever its size, never reshaped to C. ``log_prob`` and ``reward`` see
-``(B, C, D)``. A round attempts every other
-pair, so a round costs about half of the whole time grid: ``≈ 1/(2·max_step)`` calls, i.e.
-``≈ C/max_step`` model evaluations per problem. :class:`CREPEResult` counts calls and
-evaluations (states × calls per problem), the number to compare with the SMC driver's
-``steps × particles``.
+``(B, C, D)``. A round attempts every other pair, so a round costs about half of the whole
+time grid: ``≈ 1/(2·max_step)`` calls, i.e. ``≈ C/max_step`` model evaluations per problem.
+:class:`CREPEResult` counts calls and evaluations (states × calls per problem), the number to
+compare with the SMC driver's ``steps × particles``.
 
 Example (tempering a scores-only mixture model, β = 1/2)::
 
@@ -138,7 +137,7 @@ Example (tempering a scores-only mixture model, β = 1/2)::
     >>> exact = DiffusionModel.from_mixture(mix, VPSchedule())
     >>> model = DiffusionModel(exact.fn, VPSchedule(), dim=1)   # scores only
     >>> res = crepe(model, beta=0.5, num_levels=10, max_step=0.01, particles=512,
-    ...             burn_in=80, adapt_times=1, rounds=160, seed=1)
+    ...             burn_in=80, adapt_times=1, rounds=160, seed=1, dtype=torch.float64)
     >>> res.samples.shape          # (rounds, B, C, D): level-0 states of the recorded rounds
     torch.Size([160, 1, 512, 1])
     >>> mean, se = res.estimate()  # batch means over the chains
@@ -388,7 +387,8 @@ class CREPE:
             (default: when every model has one).
         init: initial states ``(K, B, C, D)``; default: one annealed reverse EM pass from the
             top prior through every level time (no weights).
-        dtype: state dtype; log-ratios are float64.
+        dtype: state dtype (default float32, what networks run in; float64 for exact test
+            models — the rule of docs/design.md, "Conventions"); log-ratios are float64.
         device: where the states live.
         generator: seeds every draw (paths, top redraws, swap uniforms; SEO parities too).
         ops: the module with ``em_step`` and ``replica_swap`` (default :mod:`pathsmc.ops`;
@@ -412,7 +412,7 @@ class CREPE:
         swap: str = "deo",
         exact_top: bool | None = None,
         init: torch.Tensor | None = None,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
         ops: Any = None,

@@ -411,6 +411,26 @@ class SteeringModel:
                 check_user_output(out[1], name + " (∇V)", x.shape, x.device, "like x")
             else:
                 check_user_output(out, name, (b, n), x.device)
+                if self.has_grad and not out.requires_grad:
+                    raise ValueError(
+                        f"{name} returned V without a gradient with respect to x "
+                        "(V.requires_grad is False), and the guidance needs ∇V: compute V "
+                        "from x with differentiable torch ops (no .detach(), no NumPy, no "
+                        "torch.no_grad()), return (V, ∇V), or pass guidance=0")
+        elif self.has_grad and self.reward is not None and self.uses_denoiser:
+            # gradient guidance by autograd through the denoiser and the reward
+            name = f"reward `{function_name(self.reward)}`"
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                _, x0 = self.models[0].score_and_denoised(xg, t)
+                pot = self.reward(x0)
+            if not (isinstance(pot, torch.Tensor) and pot.requires_grad):
+                raise ValueError(
+                    f"guidance: {name} at the model's denoised mean x̂_0(x, t) has no gradient "
+                    f"with respect to x, and guidance = {self.guidance:g} needs one: the model "
+                    f"`{function_name(self.models[0].fn)}` or the reward is not "
+                    "differentiable (.detach(), NumPy, torch.no_grad()); make both "
+                    "differentiable or pass guidance=0")
 
     def init(self, batch: int, particles: int, generator: torch.Generator | None):
         std = float(self.schedule.prior_std)
@@ -797,7 +817,8 @@ def steer(
         generator: seeds the prior, the step noise and the resampling.
         seed: creates ``generator`` on ``device`` when that is not given.
         device: where the particles live.
-        dtype: particle dtype (default float32; log-weights are float64).
+        dtype: particle dtype (default float32, the rule for networks in docs/design.md,
+            "Conventions"; log-weights are float64).
         ops: the module providing ``em_step``, ``normalize`` and ``adaptive_resample``
             (default :mod:`pathsmc.ops`; :mod:`pathsmc.reference` runs the whole loop in pure
             PyTorch).
@@ -822,6 +843,10 @@ def steer(
     from pathsmc.smc import smc
 
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {str(device)!r} was asked for but CUDA is not available "
+                           f"(torch {torch.__version__}, built with CUDA: "
+                           f"{torch.version.cuda or 'no'}); use device='cpu'")
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
     fk = steering_model(model, mode, steps=steps, dim=dim, reward=reward, potential=potential,

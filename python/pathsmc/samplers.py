@@ -334,7 +334,8 @@ def annealed_smc(
         schedule: a fixed schedule instead of adaptive tempering: β values ``(T + 1,)`` or
             ``(T + 1, B)``, non-decreasing from 0 to 1 (then ``max_steps = T``). With a fixed
             schedule and ``adapt_rate = 0`` the estimate Ẑ is exactly unbiased.
-        dtype: particle dtype (float32 or float64); weights are always float64.
+        dtype: particle dtype (float32 or float64; default float64, the rule for analytic
+            targets in docs/design.md, "Conventions"); weights are always float64.
         device: where to run (default: the reference's device).
         generator: seeds the reference draws, the MALA noise and uniforms and the resampling.
         progress: a tqdm bar on stderr (default: when stderr is a terminal).

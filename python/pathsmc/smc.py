@@ -22,6 +22,7 @@ Log-weights carry the evidence (docs/design.md): resampling resets a row's weigh
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -187,7 +188,7 @@ def smc(
         return CapturedSMC(model, particles, batch, threshold=threshold, scheme=scheme,
                            generator=generator, ops=ops, replicates=replicates).run()
     ops = fused_ops if ops is None else ops
-    steps = _check_run_args(model, particles, batch)
+    steps = _check_run_args(model, particles, batch, threshold)
     with progress_bar(steps, progress, desc) as bar:
         out = _run(model, particles, batch, steps, threshold, scheme, generator, ops, bar.update)
     result = _result(*out, replicates=replicates)
@@ -195,9 +196,14 @@ def smc(
     return result
 
 
-def _check_run_args(model: FeynmanKacModel, particles: int, batch: int) -> int:
+def _check_run_args(model: FeynmanKacModel, particles: int, batch: int,
+                    threshold: float = 0.0) -> int:
     if particles < 1 or batch < 1:
         raise ValueError(f"particles and batch must be >= 1, got {particles} and {batch}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
+            threshold >= 0 and math.isfinite(threshold)):
+        raise ValueError(f"threshold: expected a finite number >= 0 (the ESS fraction below "
+                         f"which a row resamples; 0: never, 1: every step), got {threshold!r}")
     steps = int(model.num_steps)
     if steps < 1:
         raise ValueError(f"model.num_steps: expected >= 1, got {steps}")
@@ -301,7 +307,7 @@ class CapturedSMC:
         if generator is not None and generator.device.type != "cuda":
             raise ValueError(f"generator: a captured run needs a CUDA generator, got one on "
                              f"{generator.device}")
-        self.steps = _check_run_args(model, particles, batch)
+        self.steps = _check_run_args(model, particles, batch, threshold)
         self.replicates = bool(replicates)
         self.device = (generator.device if generator is not None
                        else torch.device("cuda", torch.cuda.current_device()))

@@ -542,7 +542,8 @@ class ParallelTempering:
         adapt_rate: gain of the step-size adaptation of log h.
         init: initial states ``(K, B, C, D)``, ``(B, C, D)`` or ``(C, D)`` (broadcast to every
             level); default: draws from the reference (standard normals without ``sample``).
-        dtype: state dtype (float32 or float64); log-densities are float64.
+        dtype: state dtype (float32 or float64; default float64, the rule for analytic
+            targets in docs/design.md, "Conventions"); log-densities are float64.
         device: where to run (default: the reference's device, else CPU).
         generator: seeds every device draw (MALA noise and uniforms, swap uniforms, reference
             draws); the host RNG of SEO parities is seeded from it too.
