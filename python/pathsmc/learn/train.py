@@ -47,7 +47,9 @@ def train_diffusion_twist(
     (on-policy, detached) go into the replay buffer; each iteration draws ``batch_paths``
     paths from it (off-policy) and takes one step on ``objective``: ``"path_consistency"``
     (windows of ``span`` steps; ``None``: whole paths, V_θ at t = 1 playing log Z) or
-    ``"log_variance"``.
+    ``"log_variance"``. ``ops``: the module whose ``kernel_logpdf`` scores the stored paths
+    with gradients (default: the fused :mod:`pathsmc.ops`; ``pathsmc.reference`` gives the
+    same gradients through plain autograd).
     """
     if objective not in DIFFUSION_OBJECTIVES:
         raise ValueError(f"objective: expected one of {DIFFUSION_OBJECTIVES}, got {objective!r}")
