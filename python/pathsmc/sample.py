@@ -35,6 +35,11 @@ Config reference (TOML shown; JSON takes the same structure; every key but ``par
                               # dimension = batch, split with the chunks), or a scalar
                               # shared by every row
     log_prob = "my_models:log_prob"   # optional exact log p_t(x) (for weighting = "density")
+    kind = "function"         # or "diffusers": path names a DiffusersModel, or with args a
+                              # factory returning one (pathsmc.integrations.diffusers); then
+                              # condition = per-row class labels, steps = the scheduler's
+                              # inference steps, and prediction, log_prob, dim, t_end and
+                              # [schedule] are not used (the scheduler's chain fixes them)
 
     [schedule]
     kind = "vp"               # vp: beta_min = 0.1, beta_max = 20.0
@@ -133,7 +138,8 @@ RESULT_FILES = ("result.pt", "result.npz", "report.txt")
 _TOP_KEYS = ("particles", "batch", "chunk", "steps", "t_end", "dim", "device", "dtype", "seed",
              "threshold", "scheme", "format", "threads", "out", "pythonpath", "exact_log_z",
              "model", "schedule", "steer")
-_MODEL_KEYS = ("path", "prediction", "args", "condition", "log_prob", "log_prob_args")
+_MODEL_KEYS = ("path", "kind", "prediction", "args", "condition", "log_prob", "log_prob_args")
+MODEL_KINDS = ("function", "diffusers")
 _SCHEDULE_KEYS = {"vp": ("kind", "beta_min", "beta_max"),
                   "ve": ("kind", "sigma_min", "sigma_max")}
 _STEER_KEYS = ("mode", "reward", "reward_args", "value", "value_args", "beta", "potential",
@@ -163,6 +169,9 @@ class ModelSpec:
     key: str
     """Where it sits in the config (``model`` or ``model[i]``), for error messages."""
     path: str
+    kind: str = "function"
+    """``"function"``: ``fn(x, t[, condition])`` on a [schedule]; ``"diffusers"``: a
+    :class:`pathsmc.integrations.diffusers.DiffusersModel` (its scheduler is the chain)."""
     prediction: str = "score"
     args: dict[str, Any] | None = None
     condition: Any = None
@@ -180,7 +189,7 @@ class JobConfig:
     schedule: dict[str, Any]
     steer: dict[str, Any]
     particles: int
-    dim: int
+    dim: int | None
     batch: int = 1
     chunk: int = 1
     steps: int = 100
@@ -334,12 +343,29 @@ def load_config(path: str | Path) -> JobConfig:
     for key, t in zip(keys, tables, strict=True):
         pre = f"{key}."
         _unknown(t, _MODEL_KEYS, pre)
+        kind = _choice(t, "kind", pre, MODEL_KINDS, "function")
+        if kind == "diffusers":
+            for k in ("prediction", "log_prob", "log_prob_args"):
+                if k in t:
+                    raise ConfigError(f"{pre}{k}: not used with kind = 'diffusers' (the "
+                                      "scheduler's config says what the network predicts, "
+                                      "and the chain has no exact log-density)")
         models.append(ModelSpec(
-            key=key, path=_import_path(t, "path", pre, required=True),
+            key=key, path=_import_path(t, "path", pre, required=True), kind=kind,
             prediction=_choice(t, "prediction", pre, PREDICTIONS, "score"),
             args=_table(t, "args", pre), condition=t.get("condition"),
             log_prob=_import_path(t, "log_prob", pre),
             log_prob_args=_table(t, "log_prob_args", pre)))
+    diffusers = [m.kind == "diffusers" for m in models]
+    if any(diffusers) and not all(diffusers):
+        raise ConfigError("model: kind = 'diffusers' and function models cannot be mixed")
+    if all(diffusers):
+        # the scheduler's chain fixes the time grid and the state shape
+        for k in ("schedule", "dim", "t_end"):
+            if k in raw:
+                raise ConfigError(f"{k}: not used with kind = 'diffusers' models (the "
+                                  "scheduler's chain fixes the time grid and the UNet's "
+                                  "sample shape the state)")
     # [schedule]
     sched = raw.get("schedule", {"kind": "vp"})
     if not isinstance(sched, dict):
@@ -404,7 +430,8 @@ def load_config(path: str | Path) -> JobConfig:
         raise ConfigError(f"out: expected a folder name, got {out!r}")
     return JobConfig(
         source=path.resolve(), raw=raw, models=models, schedule=schedule, steer=steer,
-        particles=_int(raw, "particles", ""), dim=_int(raw, "dim", ""), batch=batch,
+        particles=_int(raw, "particles", ""),
+        dim=None if all(diffusers) else _int(raw, "dim", ""), batch=batch,
         chunk=min(chunk, batch), steps=_int(raw, "steps", "", 100),
         t_end=_float(raw, "t_end", "", 0.0, lo=0.0, hi=1.0, hi_open=True),
         device=device, dtype=dtype, seed=_int(raw, "seed", "", 0, minimum=0),
@@ -447,9 +474,12 @@ def _import_dirs(dirs: Sequence[Path]) -> Iterator[None]:
                 sys.path.remove(d)
 
 
-def resolve(spec: str, key: str, args: dict[str, Any] | None = None) -> Callable[..., Any]:
+def resolve(spec: str, key: str, args: dict[str, Any] | None = None, *,
+            diffusers: bool = False) -> Any:
     """The callable at the import path ``module:attribute`` (``attribute`` may be dotted);
-    with ``args``, the result of calling it with them (a factory). Errors name ``key``."""
+    with ``args``, the result of calling it with them (a factory). Errors name ``key``.
+    With ``diffusers``, the object (or the factory's result) must be a
+    :class:`~pathsmc.integrations.diffusers.DiffusersModel`."""
     module_name, attr = spec.split(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -461,6 +491,8 @@ def resolve(spec: str, key: str, args: dict[str, Any] | None = None) -> Callable
         if not hasattr(obj, part):
             raise ConfigError(f"{key}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
+    if diffusers:
+        return _diffusers_model(obj, spec, key, args)
     if isinstance(obj, DiffusionModel):
         raise ConfigError(f"{key}: {spec} is a DiffusionModel; give the import path of its "
                           "function (the fn(x, t[, condition]) it wraps) and set "
@@ -476,6 +508,26 @@ def resolve(spec: str, key: str, args: dict[str, Any] | None = None) -> Callable
         if not callable(obj):
             raise ConfigError(f"{key}_args: {spec}(**{args!r}) returned a "
                               f"{type(obj).__name__}, not a callable")
+    return obj
+
+
+def _diffusers_model(obj: Any, spec: str, key: str, args: dict[str, Any] | None) -> Any:
+    """A DiffusersModel named by ``spec`` (itself, or made by a factory called with args)."""
+    from pathsmc.integrations.diffusers import DiffusersModel
+
+    if args is not None:
+        if not callable(obj):
+            raise ConfigError(f"{key}_args: {spec} is a {type(obj).__name__}, not a factory")
+        try:
+            obj = obj(**args)
+        except Exception as exc:
+            raise ConfigError(f"{key}_args: calling {spec}(**{args!r}) failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, DiffusersModel):
+        how = "returned" if args is not None else "is"
+        raise ConfigError(f"{key}: kind = 'diffusers' needs a DiffusersModel, but {spec} {how} "
+                          f"a {type(obj).__name__} (a factory needs {key.rsplit('.', 1)[0]}"
+                          ".args, {} for none)")
     return obj
 
 
@@ -520,7 +572,7 @@ def _resolve_job(cfg: JobConfig) -> _Job:
     device = torch.device(cfg.device)
     fns, log_probs, conds = [], [], []
     for m in cfg.models:
-        fns.append(resolve(m.path, f"{m.key}.path", m.args))
+        fns.append(resolve(m.path, f"{m.key}.path", m.args, diffusers=m.kind == "diffusers"))
         log_probs.append(None if m.log_prob is None
                          else resolve(m.log_prob, f"{m.key}.log_prob", m.log_prob_args))
         conds.append(_condition(m.condition, m.key, device))
@@ -546,6 +598,12 @@ def _run_chunk(cfg: JobConfig, job: _Job, index: int, start: int, stop: int,
     models = []
     for m, fn, lp, cond in zip(cfg.models, job.fns, job.log_probs, job.conditions,
                                strict=True):
+        if m.kind == "diffusers":  # the condition is the rows' class labels
+            rows = _rows(cond, start, stop, cfg.batch)
+            if isinstance(rows, torch.Tensor) and rows.dim() == 0:
+                rows = rows.expand(stop - start)
+            models.append(fn if rows is None else fn.with_condition(class_labels=rows))
+            continue
         models.append(DiffusionModel(fn, job.schedule, m.prediction,
                                      condition=_rows(cond, start, stop, cfg.batch),
                                      log_prob=lp, dim=cfg.dim))
@@ -732,7 +790,8 @@ def _report(cfg: JobConfig, result: dict[str, Any], *, resumed: int, seconds: fl
     st = cfg.steer
     n, b = cfg.particles, cfg.batch
     sched = ", ".join(f"{k}={v}" for k, v in cfg.schedule.items() if k != "kind")
-    models = "; ".join(f"{m.path} ({m.prediction})" for m in cfg.models)
+    models = "; ".join(f"{m.path} ({m.prediction if m.kind == 'function' else 'diffusers'})"
+                       for m in cfg.models)
     detail = []
     if st["mode"] == "reward":
         detail.append(f"potential {st['potential']}")
@@ -749,10 +808,12 @@ def _report(cfg: JobConfig, result: dict[str, Any], *, resumed: int, seconds: fl
     chunks = len(cfg.chunks)
     lines = [
         f"pathsmc sample: {cfg.source}",
-        f"  model: {models}; schedule {cfg.schedule['kind'].upper()}"
-        + (f" ({sched})" if sched else ""),
+        f"  model: {models}; "
+        + (f"schedule {cfg.schedule['kind'].upper()}" + (f" ({sched})" if sched else "")
+           if cfg.dim is not None else "the diffusers scheduler's chain"),
         f"  mode: {st['mode']} ({', '.join(detail)})",
-        f"  {b} rows × {n} particles, {cfg.steps} steps to t = {cfg.t_end:g}, dim {cfg.dim}, "
+        f"  {b} rows × {n} particles, {cfg.steps} steps to t = {cfg.t_end:g}, "
+        f"{'dim ' + str(cfg.dim) if cfg.dim is not None else 'image states'}, "
         f"{cfg.device}, {cfg.dtype}, seed {cfg.seed}, threshold {cfg.threshold:g}, "
         f"{cfg.scheme}",
         f"  chunks: {chunks} of up to {cfg.chunk} rows"
