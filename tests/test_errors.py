@@ -326,6 +326,11 @@ def test_step_scalars_must_be_numbers(name, bad):
         pathsmc.em_step(x, drift, logw, **kw)
     with pytest.raises(TypeError, match=rf"^{name}: expected a float"):
         pathsmc.kernel_logpdf(x, drift, logw=logw, **kw)
+    # the pure-PyTorch twins (ops=pathsmc.reference) say the same
+    with pytest.raises(TypeError, match=rf"^{name}: expected a float"):
+        ref.em_step(x, drift, logw, **kw)
+    with pytest.raises(TypeError, match=rf"^{name}: expected a float"):
+        ref.kernel_logpdf(x, drift, logw=logw, **kw)
 
 
 def test_all_dead_row_is_reported_not_nan(device):

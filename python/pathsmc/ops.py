@@ -133,7 +133,10 @@ def em_step(
         generator: torch.Generator seeding the in-kernel Philox stream.
 
     A +inf log-weight is an error on CPU; on CUDA it is not checked (that would cost a host
-    sync) and comes back +inf, which :func:`normalize` then reports as log Ẑ = +inf.
+    sync) and comes back +inf, which :func:`normalize` then reports as log Ẑ = +inf. A
+    particle whose state is or becomes non-finite (NaN / inf in ``x``, the drift or ``x'``)
+    gets a NaN log-weight: it is dead (weight 0, never resampled) and the drivers count it in
+    ``SMCResult.dead_particles``.
     """
     check_tensor(x, "x", dtypes=state_dtypes(x))
     x3 = states_to_bnd(x, "x")

@@ -11,6 +11,7 @@ kernels' in-kernel Philox, so only the distributions agree).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -39,11 +40,19 @@ def gaussian_logpdf(y: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
     return -0.5 * (z * z).sum(-1) - d * (log_std + 0.5 * _LOG_2PI)
 
 
-def _per_row(v, b: int):
+def _per_row(v, b: int, name: str = "dt"):
     """A float stays; a (B,) tensor becomes (B, 1, 1) float64 for broadcasting."""
     if isinstance(v, torch.Tensor):
         return v.to(torch.float64).reshape(-1).expand(b).reshape(b, 1, 1)
-    return v
+    return _number(v, name)
+
+
+def _number(v, name: str) -> float:
+    """A real number (not a string, bool or tensor), else a TypeError naming the argument (the
+    message of :mod:`pathsmc.ops`)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__} {v!r}")
+    return float(v)
 
 
 def em_step(
@@ -71,7 +80,7 @@ def em_step(
         logw = logw_to_bn(logw)
     if noise is None:
         noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-    dt, sigma = _per_row(dt, x.shape[0]), _per_row(sigma, x.shape[0])
+    dt, sigma = _per_row(dt, x.shape[0], "dt"), _per_row(sigma, x.shape[0], "sigma")
     s = sigma * (dt.sqrt() if isinstance(dt, torch.Tensor) else math.sqrt(dt))
     if isinstance(s, torch.Tensor):
         dt_x, s_x = dt.to(x.dtype) if isinstance(dt, torch.Tensor) else dt, s.to(x.dtype)
@@ -101,6 +110,7 @@ def kernel_logpdf(
     linear: float = 0.0,
 ) -> torch.Tensor:
     """logw + coef · log N(y; base + (drift + linear·base)·dt, σ²dt I)."""
+    dt, sigma = _number(dt, "dt"), _number(sigma, "sigma")
     y, base = states_to_bnd(y, "y"), states_to_bnd(base, "base")
     drift = None if drift is None else states_to_bnd(drift, "drift")
     step = linear * base if drift is None else drift + linear * base
