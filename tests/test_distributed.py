@@ -318,3 +318,40 @@ def test_needs_an_initialized_process_group() -> None:
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         DistributedOps()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_rank_env() -> dict[str, str]:
+    root = Path(__file__).resolve().parents[1]
+    return dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+                PYTHONPATH=str(root / "python"))
+
+
+def test_worked_example_lives_in_examples() -> None:
+    """The worked example is examples/distributed_smc.py (one rank here, as torchrun would set
+    it up); ``python -m pathsmc.distributed`` still runs it, with a DeprecationWarning."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--particles", "64", "--batch", "4", "--steps", "10"]
+    out = subprocess.run([sys.executable, str(root / "examples" / "distributed_smc.py"), *args],
+                         capture_output=True, text=True, env=_one_rank_env(), cwd=root,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "1 ranks × 64 particles × 4 rows: log Ẑ = " in out.stdout and "exact 2.9688" in (
+        out.stdout)
+    old = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-m",
+                          "pathsmc.distributed", *args], capture_output=True, text=True,
+                         env=_one_rank_env(), cwd=root, timeout=120)
+    assert old.returncode == 0, old.stderr
+    assert "moved to examples/distributed_smc.py" in old.stderr
+    assert "log Ẑ = " in old.stdout

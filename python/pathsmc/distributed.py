@@ -24,8 +24,8 @@ order on every rank; every rank must run the same number of steps with the same 
 :class:`DistributedParallelTempering` splits parallel tempering's chains across ranks.
 Use the NCCL backend for CUDA tensors (one GPU per rank) and gloo for CPU tensors. Each rank
 passes its own generator (seeded differently, e.g. ``seed + rank``): the ranks' particles must
-be independent. Launch with ``torchrun --nproc-per-node G your_script.py``, or see
-:func:`main` (``python -m pathsmc.distributed``) for a worked example with an exact answer.
+be independent. Launch with ``torchrun --nproc-per-node G your_script.py``; a worked example
+with an exact answer is ``examples/distributed_smc.py`` in the repository.
 """
 
 from __future__ import annotations
@@ -407,53 +407,22 @@ class DistributedParallelTempering(ParallelTempering):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """A worked example, run by every rank: ``torchrun --nproc-per-node 2 -m
-    pathsmc.distributed`` (gloo on CPU; ``--device cuda`` uses NCCL, one GPU per rank).
+    """Deprecated (kept for one release): the worked example moved out of the library to
+    ``examples/distributed_smc.py``; run ``torchrun --nproc-per-node 2
+    examples/distributed_smc.py``. This shim runs that script when the repository's
+    ``examples/`` folder sits next to the package (a source checkout or editable install)."""
+    import runpy
+    import warnings
+    from pathlib import Path
 
-    Steers an exact diffusion model of a 2-D Gaussian mixture towards the reward ``θ·x``
-    (exact log Z in closed form) with the population split across the ranks, and prints the
-    global log Ẑ per row against the exact value on rank 0.
-    """
-    import argparse
-    import os
-
-    from pathsmc.diffusion import DiffusionModel, VPSchedule, steering_model
-    from pathsmc.targets import default_2d
-
-    ap = argparse.ArgumentParser(prog="python -m pathsmc.distributed",
-                                 description=main.__doc__.split("\n\n")[0])
-    ap.add_argument("--particles", type=int, default=1024, help="particles per rank and row")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL)")
-    args = ap.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            ap.error("run under torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR, ...)")
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else \
-        torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    mixture = default_2d()
-    theta = torch.tensor([1.0, -0.5], dtype=torch.float64)
-    exact = mixture.linear_tilt(theta).log_z
-    model = steering_model(DiffusionModel.from_mixture(mixture.to(device=device), VPSchedule()),
-                           "reward", reward=lambda x: x.double() @ theta.to(x.device),
-                           steps=args.steps, device=device)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)
-    res = smc(model, args.particles, args.batch, generator=gen)
-    if rank == 0:
-        lz = res.log_z.double().cpu()
-        se = float(lz.std()) / math.sqrt(len(lz)) if len(lz) > 1 else float("nan")
-        print(f"{res.world_size} ranks × {args.particles} particles × {args.batch} rows: "
-              f"log Ẑ = {float(lz.mean()):.4f} ± {se:.4f} (exact {float(exact):.4f}); "
-              f"resampled {float(res.num_resampled.double().mean()):.1f} times per row")
-    dist.destroy_process_group()
-    return 0
+    warnings.warn("`python -m pathsmc.distributed` is deprecated: the worked example moved to "
+                  "examples/distributed_smc.py (torchrun --nproc-per-node 2 "
+                  "examples/distributed_smc.py)", DeprecationWarning, stacklevel=2)
+    script = Path(__file__).resolve().parents[2] / "examples" / "distributed_smc.py"
+    if not script.is_file():
+        raise SystemExit("the distributed worked example is examples/distributed_smc.py in the "
+                         "pathsmc repository (not installed with the package)")
+    return int(runpy.run_path(str(script), run_name="pathsmc_distributed_example")["main"](argv))
 
 
 if __name__ == "__main__":
