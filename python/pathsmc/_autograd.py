@@ -55,42 +55,76 @@ def _em_step_setup(ctx, inputs, output):
     ctx.save_for_backward(x, drift, noise, output[0], row_dt, row_sigma, *refs)
 
 
+def _needs(ctx, i: int):
+    """``needs_input_grad`` of input ``i`` (a list for a tensor list); inputs dropped by the
+    dispatcher (trailing defaults) need none."""
+    need = ctx.needs_input_grad
+    return need[i] if i < len(need) else False
+
+
 def _em_step_backward(ctx, g_xnew, g_logw):
+    # The per-element gradients are computed in the states' dtype (no sums over D here, so
+    # float32 loses nothing that the float32 result would keep); only the recovery of
+    # in-kernel noise runs in float64. One pass per term, no gradient that is not needed.
     x, drift, noise, x_new, row_dt, row_sigma, *refs = ctx.saved_tensors
-    dt, sigma, coefs, fwd_coef, lam, = ctx.scalars
+    dt, sigma, coefs, fwd_coef, lam = ctx.scalars
+    f = x.dtype
     b = x.shape[0]
-    h = _rows(row_dt, dt, b)
-    sg = _rows(row_sigma, sigma, b)
-    s = sg * (h.sqrt() if isinstance(h, torch.Tensor) else math.sqrt(h))
-    f64 = torch.float64
-    xd, ad = x.to(f64), drift.to(f64)
-    eps = noise.to(f64) if noise is not None else (x_new.to(f64) - xd - ad * h) / s
-    gx = torch.zeros_like(xd) if g_xnew is None else g_xnew.to(f64)
-    g_x, g_a, g_eps = gx.clone(), gx * h, gx * s
-    g_refs = [None] * ctx.n_refs
-    g_lw = None
-    if ctx.has_logw and g_logw is not None:
-        gw = g_logw.to(f64).unsqueeze(-1)
-        h_s = h / s
-        g_eps = g_eps + gw * eps  # the proposal's +½|ε|²
+    need_x, need_a = _needs(ctx, 0), _needs(ctx, 1)
+    need_refs = list(_needs(ctx, 5)) or [False] * len(refs)
+    need_noise = ctx.has_noise and bool(_needs(ctx, 9))
+    if row_dt is None and row_sigma is None:
+        h, s = dt, sigma * math.sqrt(dt)
+    else:
+        h64 = _rows(row_dt, dt, b)
+        s64 = _rows(row_sigma, sigma, b) * (h64.sqrt() if isinstance(h64, torch.Tensor)
+                                            else math.sqrt(h64))
+        h = h64.to(f) if isinstance(h64, torch.Tensor) else h64
+        s = s64.to(f) if isinstance(s64, torch.Tensor) else s64
+    h_s = h / s
+    gx = g_xnew
+    gw = None
+    if ctx.has_logw and g_logw is not None and (ctx.n_refs or fwd_coef != 0.0 or need_noise):
+        gw = g_logw.to(f).unsqueeze(-1)
+    g_refs: list[torch.Tensor | None] = [None] * ctx.n_refs
+    w = None  # gw · (Σ_k c_k z_k + c_f (1 + λh) z_f): the weight's pull on drift and noise
+    g_x_fwd = None
+    if gw is not None:
+        if noise is not None:
+            eps = noise
+        else:  # drawn in the kernel: ε = (x' − x − a h)/s, recovered in float64
+            f64 = torch.float64
+            h64_ = h.to(f64) if isinstance(h, torch.Tensor) else h
+            s64_ = s.to(f64) if isinstance(s, torch.Tensor) else s
+            eps = ((x_new.to(f64) - x.to(f64) - drift.to(f64) * h64_) / s64_).to(f)
         for k, (bk, ck) in enumerate(zip(refs, coefs, strict=True)):
-            zk = (ad - bk.to(f64)) * h_s + eps  # -½ c_k |z_k|²
-            g_a = g_a - gw * (ck * h_s) * zk
-            g_eps = g_eps - gw * ck * zk
-            g_refs[k] = (gw * (ck * h_s) * zk).to(bk.dtype)
+            gz = gw * ((drift - bk) * h_s + eps)  # log N(x'; x + b_k h) = -½|z_k|²
+            if need_refs[k]:
+                g_refs[k] = gz * (ck * h_s)
+            w = gz * ck if w is None else torch.add(w, gz, alpha=ck)
         if fwd_coef != 0.0:
-            zf = (ad + lam * x_new.to(f64)) * h_s + eps  # -½ c_f |z_f|², x' = x + a h + s ε
-            g_x = g_x - gw * (fwd_coef * lam) * h_s * zf
-            g_a = g_a - gw * fwd_coef * (1.0 + lam * h) * h_s * zf
-            g_eps = g_eps - gw * fwd_coef * (1.0 + lam * h) * zf
-        g_lw = g_logw
-    elif ctx.has_logw:
-        g_lw = None
-    g_noise = g_eps.to(x.dtype) if ctx.has_noise else None
+            gz = gw * ((drift + lam * x_new) * h_s + eps)  # log N(x; x' + λx'h) = -½|z_f|²
+            wf = gz * (fwd_coef * (1.0 + lam * h))
+            w = wf if w is None else w + wf
+            if need_x:
+                g_x_fwd = gz * (-fwd_coef * lam * h_s)
+    g_x = g_a = g_noise = None
+    if need_x:
+        g_x = gx if g_x_fwd is None else (g_x_fwd if gx is None else gx + g_x_fwd)
+    if need_a:
+        if gx is not None:
+            g_a = gx * h if w is None else gx * h - w * h_s
+        elif w is not None:
+            g_a = w * -h_s
+    if need_noise:
+        parts = [t for t in (None if gx is None else gx * s,
+                             None if gw is None else gw * eps - (0.0 if w is None else w))
+                 if t is not None]
+        g_noise = parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)
+    g_lw = g_logw if ctx.has_logw else None
     # an empty float list reads as an empty tensor list to autograd: mirror it
     g_coefs = [] if not coefs else None
-    grads = (g_x.to(x.dtype), g_a.to(drift.dtype), g_lw, None, None, g_refs, g_coefs,
-             None, None, g_noise, None, None, None)
+    grads = (g_x, g_a, g_lw, None, None, g_refs, g_coefs, None, None, g_noise, None, None, None)
     # the dispatcher drops trailing arguments equal to their defaults (row_dt/row_sigma None)
     # from the inputs autograd sees; return one gradient per input it saw
     return grads[:len(ctx.needs_input_grad)]
@@ -106,16 +140,17 @@ def _kernel_logpdf_setup(ctx, inputs, output):
 
 
 def _kernel_logpdf_backward(ctx, g_out):
+    # in the states' dtype, as em_step's backward
     y, base, drift = ctx.saved_tensors
     dt, sigma, coef, lam = ctx.scalars
-    s = sigma * math.sqrt(dt)
-    f64 = torch.float64
-    dr = drift.to(f64) if drift is not None else 0.0
-    z = (y.to(f64) - base.to(f64) - (dr + lam * base.to(f64)) * dt) / s
-    gz = g_out.to(f64).unsqueeze(-1) * (-coef / s) * z  # d/dy of -½ coef |z|²
-    g_drift = (-gz * dt).to(drift.dtype) if drift is not None else None
-    return (gz.to(y.dtype), (-gz * (1.0 + lam * dt)).to(base.dtype), g_drift, None, None,
-            g_out, None, None)
+    need = ctx.needs_input_grad
+    r = y - base * (1.0 + lam * dt)  # = s z, z = (y − base − (drift + λ base) dt)/s
+    if drift is not None:
+        r = torch.add(r, drift, alpha=-dt)
+    gz = (g_out.to(y.dtype).unsqueeze(-1) * (-coef / (sigma * sigma * dt))) * r  # d/dy
+    g_base = gz * -(1.0 + lam * dt) if need[1] else None
+    g_drift = gz * -dt if drift is not None and need[2] else None
+    return (gz if need[0] else None, g_base, g_drift, None, None, g_out, None, None)
 
 
 # ---- normalize ----------------------------------------------------------------------------
