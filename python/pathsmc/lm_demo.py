@@ -107,6 +107,10 @@ def run_lm_demo(*, particles: Sequence[int] = (16, 64, 256), runs: int = 8,
     model, tok = load_char_lm()
     if not exclude or not all(c in tok.alphabet for c in exclude.lower()):
         raise ValueError(f"exclude: expected letters of {tok.alphabet!r}, got {exclude!r}")
+    ctx = model.config.n_positions
+    if len(prompt) + max_new_tokens > ctx:
+        raise ValueError(f"prompt + max_new_tokens: {len(prompt)} + {max_new_tokens} exceeds the "
+                         f"model's context of {ctx} characters")
     allowed = tok.mask(exclude)
     prompt_ids = torch.tensor([tok.encode(prompt)]).expand(runs, -1).contiguous()
     eos = tok.eos_token_id
