@@ -18,11 +18,12 @@ float64 log-weights. Variants:
 Before timing, the gradients of the four variants are compared (float32: 1e-4 relative).
 Timing: each round times one batch of back-to-back calls (≥ 20 ms) of every variant in a
 rotating order; the median per call over the rounds is reported (min and max in the JSON).
+On CUDA the batch is synchronized before and after (wall time of the whole batch).
 
     .venv/bin/python bench/autograd.py [--sizes 1x256x2 4x4096x16 4x4096x256] [--rounds 9]
-        [--no-compile] [--threads 1]
+        [--no-compile] [--threads 1] [--device cpu|cuda]
 
-Results: bench/results/autograd-cpu.{json,md}.
+Results: bench/results/autograd-cpu.{json,md} (autograd-cuda.* on CUDA).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import sys
 import time
 
 import torch
-from machine import RESULTS, cpu_name, write_results  # bench/machine.py
+from machine import RESULTS, device_name, write_results  # bench/machine.py
 
 import pathsmc
 import pathsmc.ops as P
@@ -53,11 +54,12 @@ def _step(ops):
     return f
 
 
-def _inputs(b: int, n: int, d: int):
+def _inputs(b: int, n: int, d: int, device: str = "cpu"):
     g = torch.Generator().manual_seed(0)
 
     def rn(*shape, dtype=torch.float32, grad=True):
-        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad)
+        t = torch.randn(*shape, generator=g, dtype=dtype).to(device)
+        return t.requires_grad_(grad)
 
     x, drift, ref = rn(b, n, d), rn(b, n, d), rn(b, n, d)
     logw = rn(b, n, dtype=torch.float64)
@@ -72,21 +74,28 @@ def _fwd_bwd(fn, inputs, cot):
     return torch.autograd.grad(loss, inputs[:4])
 
 
-def _per_call(call, min_s: float = 0.02) -> tuple[int, float]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _per_call(call, device: str, min_s: float = 0.02) -> tuple[int, float]:
     """(calls per batch, seconds per call of one sizing batch)."""
     reps = 1
     while True:
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             call()
+        _sync(device)
         dt = time.perf_counter() - t0
         if dt >= min_s or reps >= 1 << 14:
             return reps, dt / reps
         reps *= 2
 
 
-def bench_size(b: int, n: int, d: int, rounds: int, compile_: bool) -> dict:
-    inputs, cot = _inputs(b, n, d)
+def bench_size(b: int, n: int, d: int, rounds: int, compile_: bool, device: str) -> dict:
+    inputs, cot = _inputs(b, n, d, device)
     fns = {"fused": _step(P), "reference": _step(R)}
     compile_s = {}
     if compile_:
@@ -107,16 +116,18 @@ def bench_size(b: int, n: int, d: int, rounds: int, compile_: bool) -> dict:
         if err > 1e-4:
             print(f"  CHECK FAILED: {name} gradients differ from the reference by {err:.2e}")
     calls = {name: (lambda fn=fn: _fwd_bwd(fn, inputs, cot)) for name, fn in fns.items()}
-    batch = {name: _per_call(c)[0] for name, c in calls.items()}
+    batch = {name: _per_call(c, device)[0] for name, c in calls.items()}
     times: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)
     gc.disable()
     try:
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
+                _sync(device)
                 t0 = time.perf_counter()
                 for _ in range(batch[name]):
                     calls[name]()
+                _sync(device)
                 times[name].append((time.perf_counter() - t0) / batch[name])
     finally:
         gc.enable()
@@ -134,22 +145,26 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    on_cuda = args.device.startswith("cuda")
     load0 = list(os.getloadavg())
     rows = []
     for size in args.sizes:
         b, n, d = (int(v) for v in size.split("x"))
         print(f"em_step fwd+bwd B={b} N={n} D={d} ...", flush=True)
-        rows.append(bench_size(b, n, d, args.rounds, not args.no_compile))
+        rows.append(bench_size(b, n, d, args.rounds, not args.no_compile, args.device))
         print("  " + ", ".join(f"{k} {v:.0f} us" for k, v in rows[-1]["median_us"].items()))
-    data = {"machine": cpu_name(), "torch": torch.__version__, "pathsmc": pathsmc.__version__,
+    data = {"machine": device_name(args.device), "device": args.device,
+            "torch": torch.__version__, "pathsmc": pathsmc.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "threads": args.threads, "loadavg_start": load0,
             "loadavg_end": list(os.getloadavg()), "command": " ".join(sys.argv), "rows": rows}
     variants = list(rows[0]["median_us"])
-    lines = [f"# em_step forward + backward, CPU ({data['machine']}, torch {data['torch']}, "
+    kind = "CUDA" if on_cuda else "CPU"
+    lines = [f"# em_step forward + backward, {kind} ({data['machine']}, torch {data['torch']}, "
              f"{args.threads} thread(s), {data['date']})", "",
              f"`{data['command']}`; load average {load0[0]:.1f} at the start, "
              f"{data['loadavg_end'][0]:.1f} at the end (a shared machine: compare within a "
@@ -169,7 +184,7 @@ def main() -> None:
                   + ", ".join(f"{k} {v:.1e}" for k, v in r["grad_rel_err_vs_reference"].items())
                   for r in rows)]
     print("\n".join(lines))
-    print(write_results(args.out_dir, "autograd-cpu", data, lines))
+    print(write_results(args.out_dir, f"autograd-{'cuda' if on_cuda else 'cpu'}", data, lines))
 
 
 if __name__ == "__main__":

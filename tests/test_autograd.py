@@ -27,9 +27,10 @@ OPS = torch.ops.pathsmc
 B, N, D = 2, 3, 2
 
 
-def _rn(*shape, seed: int, dtype=F64, grad: bool = True, scale: float = 1.0) -> torch.Tensor:
+def _rn(*shape, seed: int, dtype=F64, grad: bool = True, scale: float = 1.0,
+        device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    t = (scale * torch.randn(*shape, generator=g, dtype=F64)).to(dtype)
+    t = (scale * torch.randn(*shape, generator=g, dtype=F64)).to(dtype).to(device)
     return t.requires_grad_(grad)
 
 
@@ -50,19 +51,20 @@ ROW_DT = torch.tensor([0.1, 0.25], dtype=F64)
 ROW_SIGMA = torch.tensor([1.3, 0.7], dtype=F64)
 
 
-def _em_inputs(n_refs: int, dtype=F64, grad: bool = True):
-    x = _rn(B, N, D, seed=1, dtype=dtype, grad=grad)
-    drift = _rn(B, N, D, seed=2, dtype=dtype, grad=grad)
-    logw = _rn(B, N, seed=3, grad=grad)
-    noise = _rn(B, N, D, seed=4, dtype=dtype, grad=grad)
-    refs = [_rn(B, N, D, seed=10 + i, dtype=dtype, grad=grad) for i in range(n_refs)]
+def _em_inputs(n_refs: int, dtype=F64, grad: bool = True, device: str = "cpu"):
+    kw = {"grad": grad, "device": device}
+    x = _rn(B, N, D, seed=1, dtype=dtype, **kw)
+    drift = _rn(B, N, D, seed=2, dtype=dtype, **kw)
+    logw = _rn(B, N, seed=3, **kw)
+    noise = _rn(B, N, D, seed=4, dtype=dtype, **kw)
+    refs = [_rn(B, N, D, seed=10 + i, dtype=dtype, **kw) for i in range(n_refs)]
     return x, drift, logw, noise, refs
 
 
-def _em(ops, case: str, per_row: bool):
+def _em(ops, case: str, per_row: bool, device: str = "cpu"):
     """``f(x, drift, logw, noise, *refs) -> (x', logw')`` of ``ops.em_step`` for ``case``."""
     coefs, fc, lam = EM_CASES[case]
-    dt, sigma = (ROW_DT, ROW_SIGMA) if per_row else (0.1, 1.3)
+    dt, sigma = (ROW_DT.to(device), ROW_SIGMA.to(device)) if per_row else (0.1, 1.3)
 
     def f(x, drift, logw, noise, *refs):
         return ops.em_step(x, drift, logw, dt=dt, sigma=sigma, ref_drifts=list(refs),
@@ -162,6 +164,28 @@ def test_em_step_grads_equal_reference(case: str, per_row: bool, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar_dt", "per_row_dt"])
+def test_em_step_grads_on_device(device: str, per_row: bool, dtype) -> None:
+    """The same comparison on every device (CUDA when available), two refs and the forward
+    kernel; and gradients with in-kernel noise equal those with that noise passed in."""
+    case = "ref_and_fwd"
+    x, drift, logw, noise, refs = _em_inputs(1, dtype=dtype, device=device)
+    inputs = (x, drift, logw, noise, *refs)
+    fused = _grads(_em(P, case, per_row, device)(*inputs), inputs, seed=20)
+    ref = _grads(_em(R, case, per_row, device)(*inputs), inputs, seed=20)
+    _assert_same_grads(fused, ref, dtype)
+    coefs, fc, lam = EM_CASES[case]
+    gen = torch.Generator(device=device)
+    kw = {"dt": 0.1, "sigma": 1.3, "ref_drifts": refs, "ref_coefs": coefs, "fwd_coef": fc,
+          "fwd_linear": lam}
+    out = P.em_step(x, drift, logw, generator=gen.manual_seed(9), **kw)
+    drawn = ((out[0] - x - drift * 0.1) / (1.3 * math.sqrt(0.1))).detach()
+    again = P.em_step(x, drift, logw, noise=drawn, **kw)
+    inputs = (x, drift, logw, *refs)
+    _assert_same_grads(_grads(out, inputs, seed=21), _grads(again, inputs, seed=21), dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 def test_em_step_grads_float32_logw(dtype) -> None:
     """States in ``dtype`` with float32 log-weights: each gradient in its input's dtype."""
     x, drift, _, noise, refs = _em_inputs(1, dtype=dtype)
@@ -219,10 +243,11 @@ def _kl(ops, case: str):
     return f
 
 
-def _kl_inputs(case: str, dtype=F64):
-    y, base = _rn(B, N, D, seed=5, dtype=dtype), _rn(B, N, D, seed=6, dtype=dtype)
-    logw = _rn(B, N, seed=7)
-    drift = [_rn(B, N, D, seed=8, dtype=dtype)] if KL_CASES[case][0] else []
+def _kl_inputs(case: str, dtype=F64, device: str = "cpu"):
+    y = _rn(B, N, D, seed=5, dtype=dtype, device=device)
+    base = _rn(B, N, D, seed=6, dtype=dtype, device=device)
+    logw = _rn(B, N, seed=7, device=device)
+    drift = [_rn(B, N, D, seed=8, dtype=dtype, device=device)] if KL_CASES[case][0] else []
     return (y, base, logw, *drift)
 
 
@@ -234,8 +259,8 @@ def test_kernel_logpdf_gradcheck(case: str) -> None:
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", list(KL_CASES))
-def test_kernel_logpdf_grads_equal_reference(case: str, dtype) -> None:
-    inputs = _kl_inputs(case, dtype)
+def test_kernel_logpdf_grads_equal_reference(device: str, case: str, dtype) -> None:
+    inputs = _kl_inputs(case, dtype, device)
     fused = _grads(_kl(P, case)(*inputs), inputs, seed=50)
     ref = _grads(_kl(R, case)(*inputs), inputs, seed=50)
     _assert_same_grads(fused, ref, dtype)
