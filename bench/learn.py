@@ -88,7 +88,8 @@ def spreads(net: ValueNetwork, seed: int, repeats: int, particles: int, steps: i
 
 def diffusion(args) -> dict:
     torch.manual_seed(0)
-    net = ValueNetwork(2, hidden=args.hidden, layers=2)
+    base = (lambda x, t: reward(x)) if args.base == "reward" else None
+    net = ValueNetwork(2, hidden=args.hidden, layers=2, base=base)
     ops = pathsmc.ops if args.ops == "fused" else pathsmc.reference
     span = None if args.span == "none" else int(args.span)
     t0 = time.perf_counter()
@@ -139,6 +140,8 @@ def main() -> None:
     p.add_argument("--span", default="none", help="'none' (whole paths) or a window length")
     p.add_argument("--batch-paths", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--base", choices=("none", "reward"), default="none",
+                   help="known part of V_θ: 'reward' learns V − r (the value at t = 0 is r)")
     p.add_argument("--ops", choices=("fused", "reference"), default="fused")
     p.add_argument("--repeats", type=int, default=64, help="SMC rows per evaluation")
     p.add_argument("--eval-particles", type=int, default=64)
@@ -160,7 +163,8 @@ def main() -> None:
     if not args.no_diffusion:
         d = data["diffusion"] = diffusion(args)
         lines += [f"Diffusion: ValueNetwork(2, {args.hidden}) trained {args.iterations} Adam "
-                  f"steps on {args.steps}-step paths (span {args.span}, {args.ops} ops) in "
+                  f"steps on {args.steps}-step paths (span {args.span}, base {args.base}, "
+                  f"{args.ops} ops) in "
                   f"{d['train_s']:.0f} s; MSE of V_θ − V {d['mse']:.3f} (per t: "
                   + ", ".join(f"{v:.3f}" for v in d["mse_per_t"].values()) + ").", "",
                   f"log Ẑ spread at N = {args.eval_particles}, {args.eval_steps} steps "
