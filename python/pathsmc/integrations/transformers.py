@@ -142,22 +142,28 @@ class CachedLMParticles:
         self.log_probs = out.logits[:, -1].to(torch.float64).log_softmax(-1).view(b, n, -1)
 
     def resample(self, extra: list[torch.Tensor], logw: torch.Tensor, threshold: float,
-                 scheme: str, generator: torch.Generator | None
+                 scheme: str, generator: torch.Generator | None, *,
+                 gather_log_probs: bool = True
                  ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adaptive resampling of the rows with ESS < ``threshold``·N: gathers tokens, next-token
         log-probabilities, every cache tensor and ``extra`` (each ``(B, N, ...)``) in one op call
-        and writes the cache back in place. Returns ``(extra, logw, ancestors, resampled)``."""
+        and writes the cache back in place. Returns ``(extra, logw, ancestors, resampled)``.
+
+        ``gather_log_probs=False`` skips the ``(B, N, V)`` log-probabilities (a large copy for a
+        large vocabulary) when :meth:`advance` follows at once; :attr:`log_probs` is then stale
+        (None) until it does."""
         b, n = self.batch, self.particles
         kv = cache_tensors(self.cache)
-        states = [self.tokens, self.log_probs, *extra,
-                  *(t.view(b, n, *t.shape[1:]) for t in kv)]
+        lp = [self.log_probs] if gather_log_probs else []
+        states = [self.tokens, *lp, *extra, *(t.view(b, n, *t.shape[1:]) for t in kv)]
         out, logw, anc, mask = fused_ops.adaptive_resample(states, logw, threshold, scheme,
                                                            generator=generator)
-        self.tokens, self.log_probs = out[0], out[1]
-        k = 2 + len(extra)
+        self.tokens = out[0]
+        self.log_probs = out[1] if gather_log_probs else None
+        k = 1 + len(lp) + len(extra)
         self.cache = set_cache_tensors(self.cache, [t.reshape(b * n, *t.shape[2:])
                                                     for t in out[k:]])
-        return list(out[2:k]), logw, anc, mask
+        return list(out[1 + len(lp):k]), logw, anc, mask
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -316,7 +322,7 @@ def lm_smc(
                 _check_values("twist", v_next, (b, n, v))
             v_next = v_next.to(f64)
         else:
-            v_next = torch.zeros_like(log_p)
+            v_next = None  # Ṽ = 0
         if proposal == "twisted":
             logits = base + v_next
         else:
@@ -325,8 +331,8 @@ def lm_smc(
                 logits = logits.masked_fill(~mask, -math.inf)
         log_norm = torch.logsumexp(logits, -1, keepdim=True)
         w = _sample(logits, generator)[..., None]
-        log_q = (logits - log_norm).gather(-1, w)[..., 0]
-        vw = v_next.gather(-1, w)[..., 0]
+        log_q = logits.gather(-1, w)[..., 0] - log_norm[..., 0]
+        vw = v_next.gather(-1, w)[..., 0] if v_next is not None else torch.zeros_like(v_prev)
         inc = base.gather(-1, w)[..., 0] + vw - v_prev - log_q
         # a particle with no admissible token dies (−inf), not NaN
         inc = torch.where(torch.isfinite(log_norm[..., 0]), inc, -math.inf)
@@ -348,7 +354,8 @@ def lm_smc(
             lw_h.append(logw)
         # gather the new token with its ancestors, then one forward pass on the gathered cache
         (w, v_prev, done, lengths), logw, anc, res = lm.resample(
-            [w, v_prev, done, lengths], logw, threshold, scheme, generator)
+            [w, v_prev, done, lengths], logw, threshold, scheme, generator,
+            gather_log_probs=False)
         res_h.append(res)
         if record_paths:
             anc_h.append(anc)
