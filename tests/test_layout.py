@@ -26,6 +26,33 @@ def test_targets_import_no_driver() -> None:
     assert not loaded & set(DRIVERS), sorted(loaded & set(DRIVERS))
 
 
+def test_tempering_schedule_is_plain_math() -> None:
+    """The schedule side of PT (Λ, schedule adaptation, round statistics) imports no driver,
+    and the PT module re-exports it unchanged."""
+    loaded = _modules_after("import pathsmc.tempering_schedule")
+    assert not loaded & set(DRIVERS), sorted(loaded & set(DRIVERS))
+    import pathsmc.tempering as pt
+    import pathsmc.tempering_schedule as sched
+
+    for name in sched.__all__:
+        assert getattr(pt, name) is getattr(sched, name) and name in pt.__all__, name
+
+
+def test_model_wrapper_and_user_checks_import_no_driver() -> None:
+    """Where a newcomer looks for them: the model wrapper and the user-function checks are
+    modules of their own, import no driver, and stay importable from pathsmc.diffusion."""
+    loaded = _modules_after("import pathsmc.diffusion_model, pathsmc.user_checks")
+    assert not loaded & set(DRIVERS), sorted(loaded & set(DRIVERS))
+    import pathsmc.diffusion as diffusion
+    import pathsmc.diffusion_model as diffusion_model
+    import pathsmc.user_checks as user_checks
+
+    for mod in (diffusion_model, user_checks):
+        for name in mod.__all__:
+            if name != "first_call":
+                assert getattr(diffusion, name) is getattr(mod, name), name
+
+
 def test_import_pathsmc_gives_reference_and_no_driver() -> None:
     loaded = _modules_after("import pathsmc\nassert callable(pathsmc.reference.resample)")
     assert "pathsmc.reference" in loaded

@@ -112,7 +112,8 @@ parity, record level 0. Everything in a round is device work (no host sync); the
 are device accumulators read once at the end of :meth:`CREPE.run` (and between burn-in phases
 when the level times are adapted). Level times can be adapted during burn-in to equalize the
 swap rejection rates, with the schedule optimizer of parallel tempering
-(:func:`pathsmc.tempering.optimal_schedule`, Syed et al. 2021) applied to times instead of β.
+(:func:`pathsmc.tempering_schedule.optimal_schedule`, Syed et al. 2021) applied to times instead
+of β.
 
 **Cost.** The noising path needs no model (F is linear); its weight needs the scores at
 ``z_1 … z_M``, the denoising path at ``w_M … w_1``, at the same times: both go in one model
@@ -174,7 +175,7 @@ import torch
 from pathsmc._deprecation import renamed_argument
 from pathsmc.diffusion import DiffusionModel, ReverseEM, model_exponents
 from pathsmc.progress import progress_bar
-from pathsmc.tempering import optimal_schedule
+from pathsmc.tempering_schedule import optimal_schedule
 
 __all__ = ["CREPE", "CREPEResult", "crepe", "default_times", "path_swap_log_ratio"]
 
@@ -774,7 +775,7 @@ class CREPE:
 
         With ``adapt_times = n > 0`` the burn-in is split into n + 1 equal phases and after
         each of the first n the level times move to equalize the phase's swap rejection rates
-        (:func:`pathsmc.tempering.optimal_schedule` applied to times; the states stay where
+        (:func:`pathsmc.tempering_schedule.optimal_schedule` applied to times; the states stay where
         they are and the rest of the burn-in absorbs the change). The recorded rounds run with
         fixed times; nothing is read from the device until they are done.
         """

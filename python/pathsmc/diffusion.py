@@ -1,7 +1,9 @@
 """Steering pretrained diffusion models with SMC.
 
 The noise schedules (VP, VE), the reverse Euler–Maruyama step and the time grid live in
-:mod:`pathsmc.schedules` and are re-exported here.
+:mod:`pathsmc.schedules`, the model wrapper (:class:`DiffusionModel`,
+:func:`convert_prediction`) in :mod:`pathsmc.diffusion_model`, and the up-front checks of user
+functions in :mod:`pathsmc.user_checks`; all are re-exported here.
 
 Steering pretrained models (docs/design.md, "The step weight"):
 
@@ -24,12 +26,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from pathsmc.diffusion_model import PREDICTIONS, DiffusionModel, convert_prediction
 from pathsmc.schedules import ReverseEM, Schedule, VESchedule, VPSchedule, time_grid
+from pathsmc.user_checks import _first_call, check_user_output, function_name
 
 if TYPE_CHECKING:
     from pathsmc.smc import SMCResult
 
 __all__ = [
+    "PREDICTIONS",
     "DiffusionModel",
     "ReverseEM",
     "VPSchedule",
@@ -44,174 +49,6 @@ __all__ = [
     "steering_model",
     "time_grid",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Models: score, ε- or x0-prediction, and the Tweedie denoised mean
-# ---------------------------------------------------------------------------------------------
-
-PREDICTIONS = ("score", "eps", "x0")
-
-
-def convert_prediction(
-    pred: torch.Tensor, x: torch.Tensor, t: float, schedule: Schedule, source: str, target: str
-) -> torch.Tensor:
-    """Convert a model output at ``(x, t)`` between the ``score``, ``eps`` and ``x0``
-    parameterizations.
-
-    With ``X_t = m X_0 + √v ε`` (``(m, v) = schedule.marginal(t)``):
-    ``score = −ε / √v = (m x0 − x) / v`` and ``x0 = (x + v score) / m = (x − √v ε) / m``
-    (Tweedie's formula for the denoised mean). Conversions that divide by ``v`` are undefined
-    at ``v = 0`` (t = 0) and raise; the conversions to ``x0`` are defined there (x0 = x).
-    """
-    for name, val in (("source", source), ("target", target)):
-        if val not in PREDICTIONS:
-            raise ValueError(f"{name}: expected one of {PREDICTIONS}, got {val!r}")
-    if source == target:
-        return pred
-    m, v = (float(a) for a in schedule.marginal(float(t)))
-    if target == "x0":
-        if source == "score":
-            return (x + v * pred) / m
-        return (x - math.sqrt(v) * pred) / m
-    if source == "score":  # target eps
-        return -math.sqrt(v) * pred
-    if v <= 0.0:
-        raise ValueError(f"convert_prediction: {source} -> {target} divides by the noise "
-                         f"variance, which is 0 at t = {t}")
-    if source == "eps":  # target score
-        return pred * (-1.0 / math.sqrt(v))
-    if target == "score":  # source x0
-        return (m * pred - x) / v
-    return (x - m * pred) / math.sqrt(v)  # x0 -> eps
-
-
-class DiffusionModel:
-    """A pretrained diffusion model given as a callable, with its schedule.
-
-    Args:
-        fn: ``fn(x, t)`` — or ``fn(x, t, condition)`` when ``condition`` is given — returning
-            the model's prediction at the states ``x`` (``(B, N, D)``: N particles for each of
-            B problems) and diffusion time ``t`` (a Python float), shaped like ``x``.
-        schedule: the noise schedule the model was trained with (:class:`VPSchedule` or
-            :class:`VESchedule`).
-        prediction: what ``fn`` returns: ``"score"`` (∇log p_t), ``"eps"`` (the noise ε) or
-            ``"x0"`` (the denoised mean E[X_0 | X_t = x]).
-        condition: an optional extra argument for ``fn`` (a class label, a prompt embedding,
-            ...); for B problems with their own conditions make it ``(B, ...)`` and broadcast
-            inside ``fn``.
-        log_prob: optional ``log_prob(x, t)`` (or ``log_prob(x, t, condition)``) returning the
-            exact ``log p_t(x)`` ``(B, N)`` of the model's marginal — known for test targets;
-            :func:`steer` uses it for the initial weight and for ``weighting="density"``.
-        dim: the event size D (lets :func:`steer` infer it).
-    """
-
-    def __init__(
-        self,
-        fn: Callable[..., torch.Tensor],
-        schedule: Schedule,
-        prediction: str = "score",
-        *,
-        condition: Any = None,
-        log_prob: Callable[..., torch.Tensor] | None = None,
-        dim: int | None = None,
-    ) -> None:
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
-        if not callable(fn):
-            raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
-        self.fn = fn
-        self.schedule = schedule
-        self.prediction = prediction
-        self.condition = condition
-        self._log_prob = log_prob
-        self.dim = dim
-
-    def __repr__(self) -> str:
-        return (f"DiffusionModel(prediction={self.prediction!r}, schedule={self.schedule!r}, "
-                f"conditional={self.condition is not None}, "
-                f"log_prob={self._log_prob is not None})")
-
-    def with_condition(self, condition: Any) -> DiffusionModel:
-        """The same model with another condition (e.g. the null condition of CFG)."""
-        return DiffusionModel(self.fn, self.schedule, self.prediction, condition=condition,
-                              log_prob=self._log_prob, dim=self.dim)
-
-    def _call(self, f: Callable[..., torch.Tensor], x: torch.Tensor, t: float) -> torch.Tensor:
-        if self.condition is None:
-            return f(x, float(t))
-        return f(x, float(t), self.condition)
-
-    def predict(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """The raw output of ``fn`` at ``(x, t)``."""
-        return self._call(self.fn, x, t)
-
-    def score(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """∇_x log p_t(x)."""
-        return convert_prediction(self.predict(x, t), x, t, self.schedule, self.prediction,
-                                  "score")
-
-    def eps(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """The ε-prediction ``−√v(t) · score``."""
-        return convert_prediction(self.predict(x, t), x, t, self.schedule, self.prediction,
-                                  "eps")
-
-    def denoise(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """Tweedie's denoised mean ``E[X_0 | X_t = x] = (x + v score) / m`` (x at t = 0)."""
-        return convert_prediction(self.predict(x, t), x, t, self.schedule, self.prediction,
-                                  "x0")
-
-    def score_and_denoised(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(score, denoised mean)`` from one call of ``fn``."""
-        pred = self.predict(x, t)
-        return (convert_prediction(pred, x, t, self.schedule, self.prediction, "score"),
-                convert_prediction(pred, x, t, self.schedule, self.prediction, "x0"))
-
-    @property
-    def has_log_prob(self) -> bool:
-        """Whether the exact marginal log-density was given."""
-        return self._log_prob is not None
-
-    def log_prob(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """The exact ``log p_t(x)`` ``(B, N)`` (only when given at construction)."""
-        if self._log_prob is None:
-            raise ValueError("log_prob: this DiffusionModel was built without log_prob")
-        return self._call(self._log_prob, x, t)
-
-    @classmethod
-    def from_mixture(cls, mixture: Any, schedule: Schedule,
-                     prediction: str = "score") -> DiffusionModel:
-        """The exact model of a :class:`~pathsmc.targets.GaussianMixture` data distribution:
-        ``fn`` returns its diffused score (or ε / x0 prediction) and ``log_prob`` its
-        diffused log-density, both exact at every t (outputs are float64)."""
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
-        cache: dict[float, Any] = {}
-
-        def diffused(t: float):
-            dg = cache.get(t)
-            if dg is None:
-                dg = mixture.diffused(schedule, t)
-                # Never store (or evict) while a CUDA graph is being recorded: its entries
-                # would hold memory that recording never writes. A captured run's warm-up
-                # fills the cache first (CapturedSMC), and the cache is not bounded: a graph
-                # may read any entry at every replay.
-                if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-                    cache[t] = dg
-            return dg
-
-        def fn(x: torch.Tensor, t: float) -> torch.Tensor:
-            dg = diffused(t)
-            if prediction == "x0":
-                return dg.posterior_mean(x)
-            s = dg.score(x)
-            return s if prediction == "score" else convert_prediction(
-                s, x.double(), t, schedule, "score", prediction)
-
-        def log_prob(x: torch.Tensor, t: float) -> torch.Tensor:
-            return diffused(t).log_prob(x)
-
-        return cls(fn, schedule, prediction, log_prob=log_prob, dim=mixture.dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,57 +326,6 @@ class SteeringModel:
                 inc, carry = fk_potential(self.pot_kind, ev.potential, carry, final)
                 logw = logw + inc
         return self._pack(x_new, ev, states, carry), logw
-
-
-def function_name(f: Any) -> str:
-    """``module:qualname`` of a user function (its import path), else its repr."""
-    mod, qual = getattr(f, "__module__", None), getattr(f, "__qualname__", None)
-    if qual is None:  # a callable object, a functools.partial
-        inner = getattr(f, "func", None) or type(f)
-        mod, qual = getattr(inner, "__module__", None), getattr(inner, "__qualname__", None)
-    return f"{mod}:{qual}" if mod and qual else repr(f)
-
-
-def _first_call(name: str, f: Callable[..., Any], x: torch.Tensor, *args: Any) -> Any:
-    """The first call of a user function, with the context in the error if it fails."""
-    try:
-        return f(x, *args)
-    except Exception as exc:
-        msg = (f"{name} failed on its first call, with x of shape {tuple(x.shape)} "
-               f"(B, N, D = dim), dtype {x.dtype}, on {x.device}"
-               + (f", t = {args[0]}" if args else "") + f": {type(exc).__name__}: {exc}")
-        try:
-            err = type(exc)(msg)
-        except Exception:  # an exception type that does not take one message
-            err = RuntimeError(msg)
-        raise err.with_traceback(exc.__traceback__) from exc  # keeps the user's frames
-
-
-def check_user_output(out: Any, name: str, shape: Sequence[int], device: torch.device,
-                      like: str | None = None) -> torch.Tensor:
-    """Check one output of a user function (called once, up front): a floating-point tensor
-    of ``shape`` on ``device``, finite. Errors name the function and what was expected."""
-    want = f"{tuple(shape)}" + (f" {like}" if like else "")
-    if not isinstance(out, torch.Tensor):
-        hint = (" (convert with torch.as_tensor(..., device=x.device))"
-                if type(out).__module__.startswith("numpy") or isinstance(out, numbers.Number)
-                else " (a factory? call it first; in a `pathsmc sample` config give its "
-                "arguments as `..._args`, {} for none)" if callable(out) else "")
-        raise TypeError(f"{name} returned a {type(out).__module__}.{type(out).__qualname__}, "
-                        f"expected a torch.Tensor of shape {want}{hint}")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"{name} returned shape {tuple(out.shape)}, expected {want}"
-                         + (" (no broadcasting)" if out.numel() != math.prod(shape) else ""))
-    if not out.is_floating_point():
-        raise TypeError(f"{name} returned dtype {out.dtype}, expected a floating-point tensor")
-    if out.device != device:
-        raise ValueError(f"{name} returned a tensor on {out.device}, expected {device} (the "
-                         "particles' device)")
-    bad = ~torch.isfinite(out.detach())
-    if bool(bad.any()):
-        raise ValueError(f"{name} returned {int(bad.sum())} non-finite values (NaN / inf) of "
-                         f"{out.numel()} at the first check (t = 1, the prior's particles)")
-    return out
 
 
 def _length(v: Any) -> int | None:
