@@ -126,10 +126,10 @@ def _worker(rank: int, world: int, folder: str) -> None:
     # The loop (model steps, global normalization, resampling) reads nothing back to the host.
     from conftest import HostRead, no_host_reads
 
-    from pathsmc.smc import _run
+    from pathsmc.smc import run_loop
     try:
         with no_host_reads():
-            _run(model, 32, 2, STEER["steps"], 0.5, "systematic", gen, dops)
+            run_loop(model, 32, 2, STEER["steps"], 0.5, "systematic", gen, dops)
         out["host_read"] = None
     except HostRead as err:
         out["host_read"] = str(err)

@@ -28,7 +28,8 @@ import torch
 
 from pathsmc.diffusion_model import PREDICTIONS, DiffusionModel, convert_prediction
 from pathsmc.schedules import ReverseEM, Schedule, VESchedule, VPSchedule, time_grid
-from pathsmc.user_checks import _first_call, check_user_output, function_name
+from pathsmc.user_checks import check_user_output, function_name
+from pathsmc.user_checks import first_call as _first_call
 
 if TYPE_CHECKING:
     from pathsmc.smc import SMCResult

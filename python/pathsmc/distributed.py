@@ -44,9 +44,9 @@ from pathsmc.samplers import AnnealedSMCResult
 from pathsmc.smc import (
     FeynmanKacModel,
     SMCResult,
-    _check_run_args,
-    _dead_rows,
-    _run,
+    check_run_args,
+    dead_rows,
+    run_loop,
     weights_from_log_norm,
 )
 from pathsmc.tempering import ParallelTempering, PTResult
@@ -287,7 +287,7 @@ def smc(
     single-process ops module (default :mod:`pathsmc.ops`).
     """
     dops = DistributedOps(group, ops)
-    steps = _check_run_args(model, particles, batch)
+    steps = check_run_args(model, particles, batch, threshold)
     # Once, before the loop: every rank must run the same shapes and steps (a mismatch would
     # deadlock or mix up the collectives).
     shapes = [None] * dops.world_size
@@ -296,11 +296,11 @@ def smc(
         raise ValueError(f"pathsmc.distributed.smc: every rank must use the same (batch, "
                          f"particles, num_steps); got {shapes}")
     with progress_bar(steps, progress if dops.rank == 0 else False, desc) as bar:
-        states, logw, ess, res, _ = _run(model, particles, batch, steps, threshold, scheme,
-                                      generator, dops, bar.update)
+        states, logw, ess, res, _ = run_loop(model, particles, batch, steps, threshold,
+                                          scheme, generator, dops, bar.update)
     _, log_z, _ = dops.normalize(logw.double())
     n = particles * dops.world_size
-    return DistributedSMCResult(states, logw, log_z, ess, res, _dead_rows(ess),
+    return DistributedSMCResult(states, logw, log_z, ess, res, dead_rows(ess),
                                 rank=dops.rank, world_size=dops.world_size,
                                 global_log_norm=log_z + math.log(n))
 

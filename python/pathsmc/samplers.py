@@ -81,7 +81,7 @@ from pathsmc import ops as _fused_ops
 from pathsmc._deprecation import renamed_argument
 from pathsmc.diagnostics import collapse_messages, warn_collapse
 from pathsmc.progress import progress_bar
-from pathsmc.smc import _dead_rows, weights_from_log_norm
+from pathsmc.smc import dead_rows, weights_from_log_norm
 from pathsmc.targets.boltzmann import DiagonalGaussian
 
 __all__ = [
@@ -254,12 +254,16 @@ class AnnealedSMCResult:
         return "\n".join(lines)
 
 
-def _eval(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def log_prob_and_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log density float64 (...), gradient (..., D) in x's dtype)`` of an object with
-    ``log_prob_and_grad`` or a plain callable returning that pair."""
+    ``log_prob_and_grad`` or a plain callable returning that pair (the target convention of
+    the samplers and of parallel tempering)."""
     f = fn.log_prob_and_grad if hasattr(fn, "log_prob_and_grad") else fn
     lp, g = f(x)
     return lp.to(torch.float64), g.to(x.dtype)
+
+
+_eval = log_prob_and_grad  # the name used inside this module
 
 
 def geometric_mix(beta: torch.Tensor, ref: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
@@ -471,7 +475,7 @@ def annealed_smc(
                                  logw.shape[-1])
         warn_collapse("annealed_smc", msgs)
     return AnnealedSMCResult(x, logw, log_z, betas, ess_h, res_h, acc_h, step_h, num_steps,
-                             forced, evals, _dead_rows(ess_h), warnings=msgs)
+                             forced, evals, dead_rows(ess_h), warnings=msgs)
 
 
 def _chain_length(n: int, chain_length: int | None, waste_free: bool) -> int:

@@ -23,7 +23,7 @@ from pathsmc.samplers import annealed_smc
 from pathsmc.targets import DiagonalGaussian, DoubleWell4, Funnel, GaussianMixture40, ManyWell
 from pathsmc.tempering import parallel_tempering
 
-__all__ = ["SamplerRow", "format_sampler_table", "run_sampler_table"]
+__all__ = ["HEADER", "SamplerRow", "format_sampler_table", "run_sampler_table"]
 
 
 @dataclass
@@ -102,8 +102,10 @@ def run_sampler_table(*, particles: int = 1024, rows: int = 8, seed: int = 0,
     return out
 
 
-_HEADER = (f"{'target':<18} {'method':<30} {'log Ẑ':>10} {'± se':>8} {'exact':>10} {'z':>6} "
-           f"{'evals/row':>10} {'time s':>7}")
+HEADER = (f"{'target':<18} {'method':<30} {'log Ẑ':>10} {'± se':>8} {'exact':>10} {'z':>6} "
+          f"{'evals/row':>10} {'time s':>7}")
+"""The table's header line (printed before the rows when they are streamed)."""
+_HEADER = HEADER
 
 
 def _line(r: SamplerRow) -> str:
@@ -114,7 +116,7 @@ def _line(r: SamplerRow) -> str:
 
 def format_sampler_table(rows: Sequence[SamplerRow]) -> list[str]:
     """The table as lines (header, rows, footnote)."""
-    return [_HEADER, *(_line(r) for r in rows),
+    return [HEADER, *(_line(r) for r in rows),
             "  z = (log Ẑ − exact) / se: |z| of several means a bias the SE does not cover "
             "(too few particles for the target: log Ẑ is biased low by O(1/N), and the funnel's "
             "neck is hard for MALA); * reference value from long runs (its SE is included in z); "

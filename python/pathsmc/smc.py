@@ -33,7 +33,8 @@ from pathsmc import ops as fused_ops
 from pathsmc.diagnostics import collapse_messages, replicate_spread, warn_collapse
 from pathsmc.progress import progress_bar
 
-__all__ = ["CapturedSMC", "FeynmanKacModel", "SMCResult", "smc"]
+__all__ = ["CapturedSMC", "FeynmanKacModel", "SMCResult", "check_run_args", "dead_rows",
+           "run_loop", "smc", "weights_from_log_norm"]
 
 
 class FeynmanKacModel(Protocol):
@@ -188,16 +189,19 @@ def smc(
         return CapturedSMC(model, particles, batch, threshold=threshold, scheme=scheme,
                            generator=generator, ops=ops, replicates=replicates).run()
     ops = fused_ops if ops is None else ops
-    steps = _check_run_args(model, particles, batch, threshold)
+    steps = check_run_args(model, particles, batch, threshold)
     with progress_bar(steps, progress, desc) as bar:
-        out = _run(model, particles, batch, steps, threshold, scheme, generator, ops, bar.update)
+        out = run_loop(model, particles, batch, steps, threshold, scheme, generator, ops,
+                       bar.update)
     result = _result(*out, replicates=replicates)
     warn_collapse(desc, result.warnings)
     return result
 
 
-def _check_run_args(model: FeynmanKacModel, particles: int, batch: int,
-                    threshold: float = 0.0) -> int:
+def check_run_args(model: FeynmanKacModel, particles: int, batch: int,
+                   threshold: float = 0.0) -> int:
+    """Check the arguments of an SMC run (errors name the argument); returns the number of
+    steps. Shared by :func:`smc`, :class:`CapturedSMC` and :func:`pathsmc.distributed.smc`."""
     if particles < 1 or batch < 1:
         raise ValueError(f"particles and batch must be >= 1, got {particles} and {batch}")
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
@@ -210,9 +214,11 @@ def _check_run_args(model: FeynmanKacModel, particles: int, batch: int,
     return steps
 
 
-def _run(model: FeynmanKacModel, particles: int, batch: int, steps: int, threshold: float,
-         scheme: str, generator: torch.Generator | None, ops, tick=None):
+def run_loop(model: FeynmanKacModel, particles: int, batch: int, steps: int, threshold: float,
+             scheme: str, generator: torch.Generator | None, ops, tick=None):
     """The SMC loop: device work only, nothing read back (so it can be captured in a graph).
+    Shared by :func:`smc`, :class:`CapturedSMC` and :func:`pathsmc.distributed.smc` (whose
+    ``ops`` make the population steps global); ``tick(1)`` is called after every step.
     Runs the model's first ``steps`` steps; returns ``(states, logw, ess, resampled, dead)``
     with ``dead`` the number of particles per row that died (see :func:`_dead_now`)."""
     states, logw = model.init(batch, particles, generator)
@@ -258,7 +264,7 @@ def _result(states: list[torch.Tensor], logw: torch.Tensor, ess_hist: torch.Tens
     """The result with its diagnostics: one host read of the (B,)-sized summaries."""
     n = logw.shape[-1]
     log_z = torch.logsumexp(torch.nan_to_num(logw.double(), nan=-math.inf), -1) - math.log(n)
-    dead_rows = _dead_rows(ess_hist)
+    rows_dead = dead_rows(ess_hist)
     x = states[0]
     if x.is_floating_point():  # non-finite particles (a weightless run keeps logw = 0)
         bad_x = (~torch.isfinite(x)).reshape(x.shape[0], x.shape[1], -1).any(-1).all(-1)
@@ -266,7 +272,7 @@ def _result(states: list[torch.Tensor], logw: torch.Tensor, ess_hist: torch.Tens
     lz, min_ess, fin_ess = (t.cpu() for t in (log_z, ess_hist.min(0).values, ess_hist[-1]))
     dead_cpu = None if dead is None else dead.cpu()
     msgs = collapse_messages(lz, min_ess, fin_ess, dead_cpu, n, replicates=replicates)
-    return SMCResult(states, logw, log_z, ess_hist, res_hist, dead_rows, dead_cpu, msgs)
+    return SMCResult(states, logw, log_z, ess_hist, res_hist, rows_dead, dead_cpu, msgs)
 
 
 class CapturedSMC:
@@ -307,7 +313,7 @@ class CapturedSMC:
         if generator is not None and generator.device.type != "cuda":
             raise ValueError(f"generator: a captured run needs a CUDA generator, got one on "
                              f"{generator.device}")
-        self.steps = _check_run_args(model, particles, batch, threshold)
+        self.steps = check_run_args(model, particles, batch, threshold)
         self.replicates = bool(replicates)
         self.device = (generator.device if generator is not None
                        else torch.device("cuda", torch.cuda.current_device()))
@@ -319,7 +325,7 @@ class CapturedSMC:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                _, logw, _, _, _ = _run(*args)  # the warm-up: one complete eager run
+                _, logw, _, _, _ = run_loop(*args)  # the warm-up: one complete eager run
             torch.cuda.current_stream().wait_stream(side)
             if logw.device != self.device:
                 raise ValueError(f"cuda_graph: the model's tensors are on {logw.device}, not "
@@ -329,7 +335,7 @@ class CapturedSMC:
                 self.graph.register_generator_state(generator)
             try:
                 with torch.cuda.graph(self.graph):
-                    self._out = _run(*args)
+                    self._out = run_loop(*args)
             except RuntimeError as err:
                 raise RuntimeError(
                     "cuda_graph: capturing the SMC run failed; the usual cause is a host sync "
@@ -367,8 +373,13 @@ def weights_from_log_norm(logw: torch.Tensor, log_norm: torch.Tensor) -> torch.T
     return torch.where(torch.isneginf(norm), 0.0, (lw - norm).exp())
 
 
-def _dead_rows(ess_hist: torch.Tensor) -> dict[int, int]:
-    """{row: first step with ESS 0}, read once at the end of the run."""
+def dead_rows(ess_hist: torch.Tensor) -> dict[int, int]:
+    """``{row: first step with ESS 0}`` from an ESS history ``(steps, B)``, read once at the
+    end of a run (the drivers' ``dead_rows`` field)."""
     dead = (ess_hist == 0).cpu()
     rows = torch.nonzero(dead.any(0)).flatten().tolist()
     return {r: int(torch.nonzero(dead[:, r])[0, 0]) for r in rows}
+
+
+# the private names other modules used before these helpers were public
+_check_run_args, _run, _dead_rows = check_run_args, run_loop, dead_rows

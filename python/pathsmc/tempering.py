@@ -92,7 +92,8 @@ import torch
 from pathsmc import ops
 from pathsmc._deprecation import renamed_argument
 from pathsmc.progress import progress_bar
-from pathsmc.samplers import _eval, adapt_log_step, mala_step
+from pathsmc.samplers import adapt_log_step, mala_step
+from pathsmc.samplers import log_prob_and_grad as _eval
 from pathsmc.tempering_schedule import (  # re-exported: the schedule side of PT
     MonotoneCubic,
     RoundStats,
