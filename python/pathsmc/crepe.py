@@ -427,7 +427,9 @@ class CREPE:
         num_problems = renamed_argument("CREPE", "batch", batch, "num_problems", num_problems, 1)
         models = [model] if isinstance(model, DiffusionModel) else list(model)
         if not models or not all(isinstance(m, DiffusionModel) for m in models):
-            raise TypeError("model: expected a DiffusionModel or a non-empty sequence of them")
+            raise TypeError("model: expected a DiffusionModel or a non-empty sequence of them "
+                            "(for a DiffusersModel use pathsmc.crepe.crepe or "
+                            "pathsmc.integrations.diffusers_crepe.ChainCREPE)")
         self.models = models
         self.schedule = models[0].schedule
         if any(m.schedule != self.schedule for m in models[1:]):
@@ -858,7 +860,18 @@ def crepe(
     ``generator`` on ``device`` when that is not given; ``rounds``, ``burn_in``,
     ``adapt_times``, ``record_all`` and ``progress`` go to :meth:`CREPE.run`. Returns the
     :class:`CREPEResult` of the recorded rounds.
+
+    A :class:`~pathsmc.integrations.diffusers.DiffusersModel` (or a sequence of them) runs
+    :class:`~pathsmc.integrations.diffusers_crepe.ChainCREPE` instead: the levels sit on the
+    steps of the scheduler's chain (``steps``, ``num_levels`` or ``level_steps``) and the
+    paths use its exact Gaussian kernels.
     """
+    first = model if not isinstance(model, (list, tuple)) or not model else model[0]
+    if getattr(first, "is_discrete_chain", False):  # diffusers: levels on the chain's steps
+        from pathsmc.integrations.diffusers_crepe import chain_crepe
+
+        return chain_crepe(model, rounds=rounds, burn_in=burn_in, adapt_times=adapt_times,
+                           record_all=record_all, seed=seed, progress=progress, **kwargs)
     if kwargs.get("generator") is None and seed is not None:
         device = torch.device(kwargs.get("device", "cpu"))
         kwargs["generator"] = torch.Generator(device=device).manual_seed(int(seed))
