@@ -295,3 +295,23 @@ def test_geometric_mix_ends_are_exact():
     out = geometric_mix(beta, ref, tgt)
     assert out[0, 0] == -1.0 and out[1, 0] == -2.0 and out[2, 0] == -math.inf
     assert not torch.isnan(out).any()
+
+
+def test_replicate_rows_warn_on_a_wide_log_z_spread():
+    """16 replicate rows of the 40-mode mixture with 8 particles: log Ẑ spreads by more than a
+    nat; with ``replicates=True`` the result says so (and only then)."""
+    import warnings
+
+    from pathsmc.diagnostics import CollapseWarning
+    from pathsmc.targets import GaussianMixture40
+
+    target = GaussianMixture40(dim=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollapseWarning)
+        wide = annealed_smc(target, 8, 16, generator=gen(0), replicates=True, mcmc_steps=2)
+        plain = annealed_smc(target, 8, 16, generator=gen(0), mcmc_steps=2)
+        sound = annealed_smc(target, 256, 16, generator=gen(0), replicates=True, mcmc_steps=2)
+    assert float(wide.log_z.std()) > 1.0
+    assert any("replicate rows" in w for w in wide.warnings)
+    assert not any("replicate rows" in w for w in plain.warnings)
+    assert float(sound.log_z.std()) < 0.5 and sound.warnings == []

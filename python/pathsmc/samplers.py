@@ -302,6 +302,7 @@ def annealed_smc(
     desc: str = "annealed smc",
     ops=None,
     resample_threshold: float | None = None,
+    replicates: bool = False,
 ) -> AnnealedSMCResult:
     """Adaptive annealed SMC from ``reference`` to ``target``; log Ẑ per row.
 
@@ -351,6 +352,8 @@ def annealed_smc(
             ranks (:func:`pathsmc.distributed.annealed_smc`). The MALA moves always use the
             fused ops on the local particles.
         resample_threshold: deprecated name of ``threshold``.
+        replicates: the rows are replicates of one target: also warn when log Ẑ spreads
+            across them by more than :data:`pathsmc.diagnostics.SPREAD_LIMIT` nats.
     """
     threshold = renamed_argument("annealed_smc", "threshold", threshold,
                                  "resample_threshold", resample_threshold, 0.5)
@@ -472,7 +475,7 @@ def annealed_smc(
     msgs = []
     if steps > 0:  # one host read of (B,)-sized summaries, after the loop
         msgs = collapse_messages(log_z.cpu(), ess_h.min(0).values.cpu(), ess_h[-1].cpu(), None,
-                                 logw.shape[-1])
+                                 logw.shape[-1], replicates=replicates)
         warn_collapse("annealed_smc", msgs)
     return AnnealedSMCResult(x, logw, log_z, betas, ess_h, res_h, acc_h, step_h, num_steps,
                              forced, evals, dead_rows(ess_h), warnings=msgs)
