@@ -27,6 +27,7 @@ CUDA_ARCH ?= 9.0
 
 demo: $(BUILT)
 	$(VENV)/bin/pathsmc demo
+	$(VENV)/bin/pathsmc demo digits --quick
 
 test: $(BUILT)
 	$(VPY) -m pytest -q tests
