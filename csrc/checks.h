@@ -96,6 +96,73 @@ inline KernelLogpdfInputs check_kernel_logpdf(const at::Tensor& y, const at::Ten
   return in;
 }
 
+struct EmStepBackwardInputs {
+  at::Tensor grad_x_new, grad_logw, x, drift, noise, x_new;  // grads / noise: undefined if absent
+  std::vector<at::Tensor> refs;
+  at::Tensor row_dt, row_sigma;  // float64 (B,) or undefined
+};
+
+// The backward of em_step: the forward's tensors plus the upstream gradients; grad_logw comes
+// back as float64 (B, N) (one value per row of D elements: a small copy).
+inline EmStepBackwardInputs check_em_step_backward(
+    const std::optional<at::Tensor>& grad_x_new, const std::optional<at::Tensor>& grad_logw,
+    const at::Tensor& x, const at::Tensor& drift, const std::optional<at::Tensor>& noise,
+    const at::Tensor& x_new, double sigma, at::TensorList ref_drifts,
+    at::ArrayRef<double> ref_coefs, const std::optional<at::Tensor>& row_dt,
+    const std::optional<at::Tensor>& row_sigma) {
+  const char* op = "em_step_backward";
+  TORCH_CHECK(x.dim() == 3, op, ": x must be (B, N, D), got ", x.sizes());
+  check_same(drift, x, op, "drift", "x");
+  check_same(x_new, x, op, "x_new", "x");
+  TORCH_CHECK(ref_drifts.size() == ref_coefs.size(), op,
+              ": ref_coefs must have one entry per ref_drifts tensor");
+  EmStepBackwardInputs in;
+  in.x = x.contiguous();
+  in.drift = drift.contiguous();
+  in.x_new = x_new.contiguous();
+  in.row_dt = check_row_param(row_dt, x, "row_dt");
+  in.row_sigma = check_row_param(row_sigma, x, "row_sigma");
+  TORCH_CHECK(sigma > 0 || in.row_sigma.defined(), op, ": sigma must be > 0");
+  for (const auto& r : ref_drifts) {
+    check_same(r, x, op, "every ref_drifts tensor", "x");
+    in.refs.push_back(r.contiguous());
+  }
+  if (noise.has_value()) {
+    check_same(*noise, x, op, "noise", "x");
+    in.noise = noise->contiguous();
+  }
+  if (grad_x_new.has_value()) {
+    check_same(*grad_x_new, x, op, "grad_x_new", "x");
+    in.grad_x_new = grad_x_new->contiguous();
+  }
+  if (grad_logw.has_value()) {
+    check_rows(*grad_logw, x, op, "grad_logw");
+    in.grad_logw = grad_logw->to(at::kDouble).contiguous();
+  }
+  return in;
+}
+
+struct KernelLogpdfBackwardInputs {
+  at::Tensor grad, y, base, drift;  // grad: float64 (B, N); drift undefined when absent
+};
+
+inline KernelLogpdfBackwardInputs check_kernel_logpdf_backward(
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& base,
+    const std::optional<at::Tensor>& drift, double dt, double sigma) {
+  const char* op = "kernel_logpdf_backward";
+  TORCH_CHECK(y.dim() == 3, op, ": y must be (B, N, D), got ", y.sizes());
+  check_same(base, y, op, "base", "y");
+  check_rows(grad, y, op, "grad");
+  TORCH_CHECK(sigma > 0 && dt > 0, op, ": dt and sigma must be > 0");
+  KernelLogpdfBackwardInputs in{grad.to(at::kDouble).contiguous(), y.contiguous(),
+                                base.contiguous(), {}};
+  if (drift.has_value()) {
+    check_same(*drift, y, op, "drift", "y");
+    in.drift = drift->contiguous();
+  }
+  return in;
+}
+
 struct MalaInputs {
   at::Tensor x, x_prop, logp, logp_prop, grad, grad_prop, step, uniforms;  // uniforms: float64
 };

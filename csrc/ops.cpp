@@ -11,6 +11,17 @@ TORCH_LIBRARY(pathsmc, m) {
   m.def(
       "kernel_logpdf(Tensor y, Tensor base, Tensor? drift, float dt, float sigma, Tensor logw, "
       "float coef, float linear) -> Tensor");
+  // The backward passes of em_step and kernel_logpdf (pathsmc._autograd calls them): one pass
+  // over the elements; an output whose output_mask entry is false comes back empty (0,)
+  // (an empty list for the reference drifts), as does the drift gradient without a drift.
+  m.def(
+      "em_step_backward(Tensor? grad_x_new, Tensor? grad_logw, Tensor x, Tensor drift, "
+      "Tensor? noise, Tensor x_new, float dt, float sigma, Tensor[] ref_drifts, "
+      "float[] ref_coefs, float fwd_coef, float fwd_linear, bool[4] output_mask, "
+      "Tensor? row_dt=None, Tensor? row_sigma=None) -> (Tensor, Tensor, Tensor[], Tensor)");
+  m.def(
+      "kernel_logpdf_backward(Tensor grad, Tensor y, Tensor base, Tensor? drift, float dt, "
+      "float sigma, float coef, float linear, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("normalize(Tensor logw) -> (Tensor, Tensor, Tensor)");
   m.def(
       "resample(Tensor logw, str scheme, int num_samples, Tensor? uniforms, Generator? generator) "

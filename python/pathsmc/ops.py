@@ -392,6 +392,25 @@ def _kernel_logpdf_fake(y, base, drift, dt, sigma, logw, coef, linear):
     return torch.empty_like(logw)
 
 
+@torch.library.register_fake("pathsmc::em_step_backward")
+def _em_step_backward_fake(grad_x_new, grad_logw, x, drift, noise, x_new, dt, sigma, ref_drifts,
+                           ref_coefs, fwd_coef, fwd_linear, output_mask, row_dt=None,
+                           row_sigma=None):
+    def out(need):
+        return torch.empty_like(x) if need else x.new_empty((0,))
+
+    refs = [torch.empty_like(x) for _ in ref_drifts] if output_mask[2] else []
+    return out(output_mask[0]), out(output_mask[1]), refs, out(output_mask[3])
+
+
+@torch.library.register_fake("pathsmc::kernel_logpdf_backward")
+def _kernel_logpdf_backward_fake(grad, y, base, drift, dt, sigma, coef, linear, output_mask):
+    def out(need):
+        return torch.empty_like(y) if need else y.new_empty((0,))
+
+    return out(output_mask[0]), out(output_mask[1]), out(output_mask[2] and drift is not None)
+
+
 @torch.library.register_fake("pathsmc::normalize")
 def _normalize_fake(logw):
     b = logw.shape[0]
