@@ -105,3 +105,16 @@ def test_demo_smoke(lm) -> None:
     assert r.kl_masked > -5 * r.ref_se - 0.05
     lines = format_lm_demo(r)
     assert any("KL" in ln for ln in lines) and any("reference log Z" in ln for ln in lines)
+
+
+def test_cli_demo_lm(capsys) -> None:
+    from pathsmc.cli import main
+
+    assert main(["demo", "lm", "--particles", "16", "--runs", "2", "--steps", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "KL(q‖π)" in out and "N=   16" in out and "N=    4" in out
+    with pytest.raises(SystemExit, match="exclude"):
+        main(["demo", "lm", "--particles", "16", "--runs", "2", "--steps", "8",
+              "--exclude", "!"])
+    with pytest.raises(SystemExit, match="context"):
+        main(["demo", "lm", "--particles", "16", "--runs", "2", "--steps", "200"])

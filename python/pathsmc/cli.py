@@ -29,7 +29,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="steer a 2-D Gaussian-mixture diffusion model with every steering mode "
-             "(or, with 'digits', the shipped digits DDPM)",
+             "(or, with 'digits', the shipped digits DDPM; with 'lm', constrained text from "
+             "the shipped character GPT-2)",
         description="Steer a 2-D Gaussian-mixture diffusion model (exact score, VP schedule) "
                     "with every mode of pathsmc.diffusion.steer — reward tilting with FK "
                     "potentials, tempering, products / CFG, twisted guidance, uncorrected "
@@ -40,19 +41,26 @@ def _build_parser() -> argparse.ArgumentParser:
                     "(pathsmc.models.digits) toward every class at once: FK steering, twisted "
                     "SMC with classifier guidance, CFG corrected by the path RND, plain CFG "
                     "and uncorrected guidance; prints judge accuracy, diversity, log Ẑ, ESS "
-                    "and time, checks log Ẑ against plain samples; writes digits-<method>.png.",
+                    "and time, checks log Ẑ against plain samples; writes digits-<method>.png. "
+                    "'pathsmc demo lm' samples a lipogram (no --exclude letters) from the "
+                    "shipped character GPT-2 (pathsmc.models.char_lm) with token SMC, "
+                    "importance sampling and plain masked sampling: log Ẑ across N, the KL "
+                    "of masked sampling to the target and statistics under both.",
     )
-    demo.add_argument("problem", nargs="?", choices=("mixture", "digits"), default="mixture",
-                      help="the demo to run")
+    demo.add_argument("problem", nargs="?", choices=("mixture", "digits", "lm"),
+                      default="mixture", help="the demo to run")
     demo.add_argument("--particles", type=int, default=None,
-                      help="particles per run; digits: per row (one class), 64 unless given "
+                      help="particles per run; digits: per row (one class), 64 unless given; "
+                           "lm: the largest N (N/16 and N/4 run too), 128 unless given "
                            "(default: 1024)")
     demo.add_argument("--steps", type=int, default=None,
-                      help="Euler–Maruyama steps; digits: DDPM steps, 50 unless given "
+                      help="Euler–Maruyama steps; digits: DDPM steps, 50 unless given; lm: "
+                           "the longest continuation in characters, 32 unless given "
                            "(default: 100)")
     demo.add_argument("--runs", type=int, default=None,
                       help="independent runs (batched rows), for the spread of log Ẑ; "
-                           "digits: replicate rows per class, 2 unless given (default: 16)")
+                           "digits: replicate rows per class, 2 unless given; lm: 8 unless "
+                           "given (default: 16)")
     demo.add_argument("--quick", action="store_true",
                       help="digits: the short version that make demo runs (32 particles, 25 steps)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
@@ -68,6 +76,8 @@ def _build_parser() -> argparse.ArgumentParser:
                            "results do not depend on it; 0: as torch chooses)")
     demo.add_argument("--no-plot", action="store_true", help="do not write the PNGs")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--exclude", default="e", help="lm: the letters the text must avoid")
+    demo.add_argument("--prompt", default="return the ", help="lm: the text to continue")
 
     sample = sub.add_parser(
         "sample",
@@ -212,6 +222,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_error(args.command, exc)
 
 
+def _demo_lm(args: argparse.Namespace) -> int:
+    """``pathsmc demo lm``: the lipogram demo of :mod:`pathsmc.lm_demo`."""
+    if args.particles < 2 or args.runs < 2:
+        raise SystemExit("pathsmc demo lm: --particles and --runs must be >= 2")
+    n = args.particles
+    from pathsmc.lm_demo import format_lm_demo, run_lm_demo
+
+    try:
+        res = run_lm_demo(particles=sorted({max(2, n // 16), max(2, n // 4), n}),
+                          runs=args.runs, max_new_tokens=args.steps, exclude=args.exclude,
+                          prompt=args.prompt, seed=args.seed, threads=args.threads or None,
+                          log=lambda line: print(line, flush=True))
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"pathsmc demo lm: {exc}") from None
+    print("\n".join(format_lm_demo(res)))
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the parsed subcommand."""
     if args.command in ("demo", "samplers") and hasattr(args, "device"):
@@ -222,6 +250,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         digits = args.problem == "digits"
         defaults = ({"particles": 32 if args.quick else 64, "steps": 25 if args.quick else 50,
                      "runs": 2} if digits else {"particles": 1024, "steps": 100, "runs": 16})
+        if args.problem == "lm":
+            defaults = {"particles": 32 if args.quick else 128,
+                        "steps": 16 if args.quick else 32, "runs": 4 if args.quick else 8}
         for name, default in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)
@@ -229,6 +260,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise SystemExit(f"pathsmc demo: --{name} must be a positive integer")
         if args.threads < 0:
             raise SystemExit("pathsmc demo: --threads must be >= 0")
+        if args.problem == "lm":
+            return _demo_lm(args)
         if digits:
             from pathsmc.demo_digits import run_digits_demo
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,7 @@ def run_lm_demo(*, particles: Sequence[int] = (16, 64, 256), runs: int = 8,
         prompt: the text to continue (lower-cased; any character of the alphabet).
         seed, threads: randomness; torch threads (None: leave as is).
     """
+    from pathsmc.diagnostics import CollapseWarning
     from pathsmc.integrations.transformers import lm_smc
     from pathsmc.models.char_lm import load_char_lm
 
@@ -121,12 +123,15 @@ def run_lm_demo(*, particles: Sequence[int] = (16, 64, 256), runs: int = 8,
     smc_z, is_z, last = {}, {}, {}
     for n in particles:
         common = dict(allowed=allowed, eos_token_id=eos, generator=gen, tokenizer=tok)
-        smc = lm_smc(model, prompt_ids, n, max_new_tokens, **common)
-        imp = lm_smc(model, prompt_ids, n, max_new_tokens, threshold=0.0, **common)
+        with warnings.catch_warnings():  # IS degenerates by design: ESS is printed instead
+            warnings.simplefilter("ignore", CollapseWarning)
+            smc = lm_smc(model, prompt_ids, n, max_new_tokens, **common)
+            imp = lm_smc(model, prompt_ids, n, max_new_tokens, threshold=0.0, **common)
         smc_z[n], is_z[n] = smc.log_z, imp.log_z
         last = {"smc": smc, "is": imp}
-        say(f"  N={n:5d}  SMC log Ẑ {smc.log_z.mean():8.3f} ± {smc.log_z.std():.3f}   "
-            f"IS log Ẑ {imp.log_z.mean():8.3f} ± {imp.log_z.std():.3f}")
+        say(f"  N={n:5d}  SMC log Ẑ {smc.log_z.mean():8.3f} ± {smc.log_z.std():.3f} "
+            f"(final ESS {smc.ess[-1].mean():6.1f})   IS log Ẑ {imp.log_z.mean():8.3f} ± "
+            f"{imp.log_z.std():.3f} (final ESS {imp.ess[-1].mean():6.1f})")
     # reference: the pooled (unbiased) Ẑ of the largest-N SMC rows; SE by the delta method
     lz = smc_z[particles[-1]]
     ref = float(torch.logsumexp(lz, 0) - math.log(runs))
