@@ -153,6 +153,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="N=16, 8 tokens, char model only")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset of " + ",".join(METHODS) + " (pathsmc first)")
+    ap.add_argument("--suffix", default="", help="appended to the results' file name")
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,6 +163,9 @@ def main() -> None:
         args.particles, args.tokens, args.models = [16], 8, "char"
     import transformers
 
+    chosen = args.methods.split(",")
+    if chosen[:2] != ["pathsmc", "reorder"] or not set(chosen) <= set(METHODS):
+        raise SystemExit(f"--methods: expected pathsmc,reorder[,...] from {METHODS}")
     rows = []
     load0 = [round(v, 2) for v in os.getloadavg()]
     for name in args.models.split(","):
@@ -169,8 +175,8 @@ def main() -> None:
         steps = args.small_tokens if small else args.tokens
         repeats = args.small_repeats if small else args.repeats
         for n in sizes:
-            methods = [m for m in METHODS
-                       if not (small and m == "recompute" and n > args.recompute_max)]
+            methods = [m for m in METHODS if m in chosen
+                       and not (small and m == "recompute" and n > args.recompute_max)]
             for m in methods:
                 run(model, prompt, n, 2, allowed, m, args.seed + 1)  # warm-up (code paths)
             # a full-length warm-up run: the first run of a size pays the allocator's growth
@@ -196,6 +202,7 @@ def main() -> None:
     meta = {"machine": machine, "threads": args.threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "pathsmc": pathsmc.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
             "loadavg_start": load0, "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
     lines = [f"# LM SMC tokens/s — {machine}, {args.threads} thread(s)", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}, "
@@ -220,7 +227,10 @@ def main() -> None:
             lines.append(f"| {n} | " + " | ".join(tps) + " | " + " / ".join(sp)
                          + f" | {dz:.1e} |")
         lines.append("")
-    path = write_results(args.out_dir, "lm-cpu" + ("-quick" if args.quick else ""),
+    if meta["malloc_env"]:
+        lines.insert(3, f"glibc malloc settings: {meta['malloc_env']}")
+    path = write_results(args.out_dir,
+                         "lm-cpu" + ("-quick" if args.quick else "") + args.suffix,
                          {"meta": meta, "rows": rows}, lines)
     print("\n".join(lines))
     print(f"wrote {path}.json/.md")
