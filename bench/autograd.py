@@ -1,6 +1,6 @@
-"""Forward + backward of ``em_step``: the fused op with its Python backward
-(``pathsmc._autograd``) against autograd through ``pathsmc.reference``, eager and under
-``torch.compile``.
+"""Forward + backward of ``em_step``: the fused op with its fused backward op
+(``pathsmc::em_step_backward``, registered in ``pathsmc._autograd``) against autograd
+through ``pathsmc.reference``, eager and under ``torch.compile``.
 
 One timed call is the forward ``(x', logw') = em_step(x, drift, logw, dt, σ, ref_drifts=[b],
 ref_coefs=[1], noise=ε)`` (the guidance-correction step, K = 1, as in an ELBO or a
@@ -9,8 +9,8 @@ respect to x, drift, b and logw (fixed random cotangents). The noise is explicit
 variant (a graph-recording ``pathsmc.ops.em_step`` draws it explicitly anyway), float32 states,
 float64 log-weights. Variants:
 
-- **fused**: ``pathsmc.ops.em_step`` (fused forward kernel; backward = the registered formula,
-  a few PyTorch ops in float64);
+- **fused**: ``pathsmc.ops.em_step`` (fused forward kernel; backward = the fused
+  ``em_step_backward`` kernel, one pass over the elements);
 - **reference**: ``pathsmc.reference.em_step`` differentiated by autograd;
 - **fused compiled** / **reference compiled**: ``torch.compile`` of the forward (AOT autograd
   compiles the backward too), compiled and run three times before timing.
