@@ -218,6 +218,11 @@ def main() -> None:
     old = Path(a.out_dir) / f"{stem}.json"
     if old.exists():  # a partial run (--no-table / --no-throughput) keeps the other part
         prev = json.loads(old.read_text())
+        if "tables" in data and "tables" in prev:  # other N of an earlier run are kept
+            have = {t["particles_per_row"] for t in data["tables"]}
+            data["tables"] = sorted(data["tables"] + [t for t in prev["tables"]
+                                                      if t["particles_per_row"] not in have],
+                                    key=lambda t: t["particles_per_row"])
         for key in ("throughput", "tables"):
             if key not in data and key in prev:
                 data[key] = prev[key]
