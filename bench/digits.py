@@ -10,7 +10,7 @@ sampling loop, and the table of `pathsmc demo digits` for several population siz
      "reward")`, difference potentials, adaptive resampling): the SMC overhead;
    - `diffusers-cfg` (two UNet calls per step, ε = w ε_k + (1 − w) ε_∅) vs `steer-cfg-rnd`
      (product mode, path-RND weights).
-2. The demo's table (`pathsmc.demo_digits.digits_table`) for each N of `--particles`.
+2. The demo's table (`pathsmc.commands.demo_digits.digits_table`) for each N of `--particles`.
 
 Results go to bench/results/digits-cpu.{json,md} (`--device cuda`: digits-cuda).
 
@@ -33,7 +33,7 @@ import torch
 from machine import RESULTS, device_name, write_results  # bench/machine.py
 
 import pathsmc
-from pathsmc.demo_digits import (
+from pathsmc.commands.demo_digits import (
     DIGITS_METHODS,
     class_reward,
     digits_table,

@@ -3,7 +3,7 @@ against the same loop in pure PyTorch, eager and with every op under torch.compi
 
 The model is the demo's: the exact score of a 2-D Gaussian mixture under the VP schedule, so
 the model evaluation is cheap and the loop's own cost (steps, weights, resampling) dominates.
-Each row of the table is one steering case of `pathsmc.demo.steering_cases`; times are the
+Each row of the table is one steering case of `pathsmc.commands.demo.steering_cases`; times are the
 median of `--repeats` full runs after one warm-up. On CUDA a fourth variant, "graph", replays
 the whole fused run captured once in a CUDA graph (`pathsmc.smc.CapturedSMC`; the one-off
 capture time is reported separately): the launch-bound regime of small populations is where
@@ -34,7 +34,7 @@ from machine import (  # bench/machine.py (scripts run from bench/)
 import pathsmc
 import pathsmc.ops
 import pathsmc.reference
-from pathsmc.demo import run_steering_case, steering_cases
+from pathsmc.commands.demo import run_steering_case, steering_cases
 from pathsmc.diffusion import steering_model
 from pathsmc.smc import CapturedSMC
 

@@ -27,7 +27,7 @@ import time
 import torch
 from machine import RESULTS, device_name, write_results  # bench/machine.py
 
-from pathsmc.demo_digits import class_reward, independent_log_z, plain_samples
+from pathsmc.commands.demo_digits import class_reward, independent_log_z, plain_samples
 from pathsmc.diffusion import steer
 from pathsmc.integrations.diffusers import DiffusersModel
 from pathsmc.learn.chain_paths import ChainValue, train_chain_twist

@@ -1,4 +1,5 @@
-"""The shipped character GPT-2 (pathsmc.models.char_lm) and the lipogram demo (pathsmc.lm_demo).
+"""The shipped character GPT-2 (pathsmc.models.char_lm) and the lipogram demo
+(pathsmc.commands.lm_demo).
 
 Skipped when transformers/safetensors or the weights (python/pathsmc/models/weights/char_gpt2.*,
 made by tools/train_char_gpt2.py) are missing."""
@@ -95,7 +96,7 @@ def test_lipogram_log_z_exact_two_chars(lm) -> None:
 
 
 def test_demo_smoke(lm) -> None:
-    from pathsmc.lm_demo import format_lm_demo, run_lm_demo
+    from pathsmc.commands.lm_demo import format_lm_demo, run_lm_demo
 
     r = run_lm_demo(particles=(8, 32), runs=4, max_new_tokens=16, log=None)
     assert set(r.smc_log_z) == {8, 32} and all(v.shape == (4,) for v in r.smc_log_z.values())

@@ -18,7 +18,7 @@ from conftest import faulty_ops
 import pathsmc.ops as ops
 import pathsmc.reference as reference
 from pathsmc.cli import main
-from pathsmc.demo import (
+from pathsmc.commands.demo import (
     DEFAULT_THETA,
     STEER_MODES,
     TiltedSMCResult,

@@ -1,4 +1,4 @@
-"""The shipped digits models (pathsmc.models.digits) and their demo (pathsmc.demo_digits):
+"""The shipped digits models (pathsmc.models.digits) and their demo (pathsmc.commands.demo_digits):
 loaders, class-conditional samples the judge recognises, and log Ẑ of reward steering against
 the independent estimate log E[p₁(k | X₀)] from diffusers' own sampling loop."""
 
@@ -28,7 +28,7 @@ needs_weights = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def setup():
-    from pathsmc.demo_digits import load_setup
+    from pathsmc.commands.demo_digits import load_setup
 
     torch.set_num_threads(1)
     return load_setup("cpu")
@@ -97,7 +97,7 @@ def test_classifiers_are_accurate_and_different(setup) -> None:
 def test_class_conditional_samples_are_recognised(setup) -> None:
     """8 samples per class from diffusers' own loop (25 DDPM steps): the judge, which never saw
     the UNet, labels most of them with the class they were asked for."""
-    from pathsmc.demo_digits import judge_accuracy, plain_samples
+    from pathsmc.commands.demo_digits import judge_accuracy, plain_samples
 
     labels = torch.arange(10).repeat_interleave(8)
     g = torch.Generator().manual_seed(0)
@@ -116,7 +116,7 @@ def test_class_conditional_samples_are_recognised(setup) -> None:
 def plain_estimate(setup):
     """log E[p̃(k | X₀)] per class, with its SE, from 2048 unconditional samples of diffusers'
     own 10-step loop; p̃ is the reward CNN softened to temperature T = 4."""
-    from pathsmc.demo_digits import independent_log_z, plain_samples
+    from pathsmc.commands.demo_digits import independent_log_z, plain_samples
 
     g = torch.Generator().manual_seed(1)
     x = plain_samples(setup.unet, setup.scheduler, torch.full((2048,), digits.NULL_CLASS), 10,
@@ -139,7 +139,7 @@ def test_reward_steering_log_z_matches_plain_sampling(setup, plain_estimate, gui
     chain: log Ẑ (4 replicate rows of 64 particles per class) agrees with the estimate from
     diffusers' own loop within 4 standard errors for every class, and Σz² is within χ²₁₀'s
     bulk. By hand: 'sum' potentials, a dropped or sign-flipped path-RND term each fail."""
-    from pathsmc.demo_digits import class_reward, row_classes
+    from pathsmc.commands.demo_digits import class_reward, row_classes
     from pathsmc.diffusion import steer
     from pathsmc.integrations.diffusers import DiffusersModel
 
@@ -163,7 +163,7 @@ def test_reward_steering_log_z_matches_plain_sampling(setup, plain_estimate, gui
 @needs_weights
 def test_cli_demo_digits_end_to_end(tmp_path, capsys) -> None:
     from pathsmc.cli import main
-    from pathsmc.demo_digits import DIGITS_METHODS
+    from pathsmc.commands.demo_digits import DIGITS_METHODS
 
     rc = main(["demo", "digits", "--particles", "8", "--steps", "4", "--runs", "2",
                "--out", str(tmp_path)])

@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("diffusers")
 
 from pathsmc.cli import main  # noqa: E402
+from pathsmc.commands.sample import chunk_seed  # noqa: E402
 from pathsmc.diffusion import steer  # noqa: E402
-from pathsmc.sample import chunk_seed  # noqa: E402
 
 MODULE = '''
 import diffusers, torch

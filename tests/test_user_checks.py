@@ -347,7 +347,7 @@ SAMPLE_CASES = [
 @pytest.mark.parametrize("over,match", [c[1:] for c in SAMPLE_CASES],
                          ids=[c[0] for c in SAMPLE_CASES])
 def test_sample_config_errors_name_the_key(tmp_path, over, match):
-    from pathsmc.sample import ConfigError, run_sample
+    from pathsmc.commands.sample import ConfigError, run_sample
 
     path = sample_config(tmp_path, **over)
     with pytest.raises(ConfigError, match=match):
@@ -355,7 +355,7 @@ def test_sample_config_errors_name_the_key(tmp_path, over, match):
 
 
 def test_sample_reward_factory_with_its_args_runs(tmp_path):
-    from pathsmc.sample import run_sample
+    from pathsmc.commands.sample import run_sample
 
     path = sample_config(tmp_path, steer={"mode": "reward", "reward": "user_fns:make_reward",
                                           "reward_args": {"scale": 0.5}})
@@ -411,7 +411,7 @@ def test_spread_message_limits():
 
 
 def test_sample_report_warns_on_spread(tmp_path, capsys):
-    from pathsmc.sample import run_sample
+    from pathsmc.commands.sample import run_sample
 
     path = sample_config(tmp_path, batch=16, particles=4, steps=20,
                          steer={"mode": "reward", "reward": "user_fns:make_reward",
