@@ -480,3 +480,30 @@ def test_cuda_rounds_do_not_sync() -> None:
         torch.cuda.set_sync_debug_mode(0)
     res = sampler.run(200, burn_in=50)
     assert res.samples.device.type == "cpu" and bool(torch.isfinite(res.samples).all())
+
+
+def _fixed_size_model(x, t):
+    return -x[:, :8]  # assumes C = 8: breaks on the stacked pair of paths (B, 2C, D)
+
+
+@pytest.mark.parametrize("case", ["fixed_c", "numpy_reward", "reward_shape", "nan_model"])
+def test_user_functions_are_checked_up_front(case) -> None:
+    from pathsmc.diffusion import DiffusionModel, VPSchedule
+
+    def fn(x, t):
+        return -x
+
+    reward = None
+    if case == "fixed_c":
+        fn, match = _fixed_size_model, r"model `.*_fixed_size_model` returned shape .*stacks"
+    elif case == "numpy_reward":
+        reward, match = (lambda x: x.sum(-1).numpy()), r"reward `.*` returned a numpy"
+    elif case == "reward_shape":
+        reward, match = (lambda x: x.sum(-1, keepdim=True)), r"reward `.*` returned shape"
+    else:
+        def fn(x, t):
+            return torch.full_like(x, float("nan"))
+        match = r"model `.*` returned .*non-finite"
+    model = DiffusionModel(fn, VPSchedule(), prediction="score", dim=1)
+    with pytest.raises((TypeError, ValueError), match=match):
+        crepe(model, reward=reward, particles=8, num_levels=3, rounds=1, seed=0)

@@ -488,6 +488,7 @@ class CREPE:
         self.set_times(default_times(num_levels, self.schedule) if level_times is None
                        else level_times)
         k = self.K
+        self._check_user_functions()
         if init is None:
             self._init_states()
         else:
@@ -540,6 +541,33 @@ class CREPE:
                 x, _ = self._reverse_step(x, self._scores(x, sub[n]), em, None)
             levels.append(x)
         self.x = torch.stack(levels[::-1]).contiguous()  # (K, B, C, D)
+
+    def _check_user_functions(self) -> None:
+        """Call every user function once, up front, at a prior draw and check its output: the
+        models with ``(B, C, D)`` and with the stacked pair of paths ``(B, 2C, D)`` (scores
+        like x), ``log_prob`` and ``reward`` ``(B, C)``; errors name the function."""
+        from pathsmc.user_checks import check_user_output, first_call, function_name
+
+        g = torch.Generator(device=self.device).manual_seed(0)  # leaves the run's streams alone
+        x = self.prior_std * torch.randn(self.B, self.C, self.D, dtype=self.dtype,
+                                         device=self.device, generator=g)
+        t = self.times[-1]
+        with torch.no_grad():
+            for i, m in enumerate(self.models):
+                what = f"model[{i}]" if len(self.models) > 1 else "model"
+                name = f"{what} `{function_name(m.fn)}`"
+                for y in (x, torch.cat([x, x], 1)):
+                    check_user_output(first_call(name, m.score, y, t), name, y.shape,
+                                      y.device, "like x (CREPE stacks the two paths of a "
+                                      "swap along dim 1)" if y.shape[1] != self.C else "like x")
+                if self.density or self.exact_top:
+                    name = f"{what}.log_prob `{function_name(m._log_prob)}`"
+                    check_user_output(first_call(name, m.log_prob, x, t), name,
+                                      (self.B, self.C), x.device)
+            if self.reward is not None:
+                name = f"reward `{function_name(self.reward)}`"
+                check_user_output(first_call(name, self.reward, x), name, (self.B, self.C),
+                                  x.device)
 
     # ---- model evaluations ----
 
