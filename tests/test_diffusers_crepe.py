@@ -125,3 +125,10 @@ def test_continuous_only_keys_name_themselves(exact) -> None:
         crepe(model, rounds=1, steps=10, level_steps=[9, 5, 5, 0])
     with pytest.raises(ValueError, match="adapt_times"):
         crepe(model, rounds=1, burn_in=4, adapt_times=1, steps=10, num_levels=3)
+
+
+def test_reward_is_checked_up_front(exact) -> None:
+    model, _ = exact
+    with pytest.raises(ValueError, match=r"reward `.*` returned shape \(2, 4, 1\)"):
+        crepe(model, reward=lambda im: im.flatten(2).sum(-1, keepdim=True), steps=10,
+              num_levels=3, particles=4, batch=2, rounds=1)

@@ -150,6 +150,16 @@ class ChainCREPE(CREPE):
         self.data_index = k_steps - 1 if self.last_deterministic else k_steps
         self.set_levels(default_level_steps(num_levels, self.data_index) if level_steps is None
                         else level_steps)
+        if reward is not None:  # checked once, up front, on a prior draw of images
+            from pathsmc.user_checks import check_user_output, first_call, function_name
+
+            g = torch.Generator(device=self.device).manual_seed(0)
+            img = torch.randn(self.B, self.C, *self.shape, dtype=dtype, device=self.device,
+                              generator=g)
+            name = f"reward `{function_name(reward)}`"
+            with torch.no_grad():
+                check_user_output(first_call(name, reward, img), name, (self.B, self.C),
+                                  img.device)
         if init is None:
             self._init_states()
         else:
