@@ -65,7 +65,9 @@ def markdown(data: dict) -> list[str]:
     lines = [f"# Learned twist vs Tweedie twist on the digits DDPM ({data['device']})", "",
              f"digit {c['digit']}, N = {c['particles']}, {c['rows']} rows, {c['steps']} steps, "
              f"seed {c['seed']}; training {data['train']['seconds']:.0f} s "
-             f"({data['train']['iters']} iterations, policy {c['policy']}, 1 thread), "
+             f"({data['train']['iters']} iterations, policy {c['policy']}, "
+             f"{'scale only' if c['no_correction'] else 'scale + MLP correction'}, "
+             f"{data['train']['params']} parameters, 1 thread), "
              f"loss {data['train']['loss_first']:.1f} → {data['train']['loss_last']:.2f} "
              f"(mean of the last 10: {data['train']['loss_last10']:.2f}).", "",
              "| method | final ESS | min ESS | log Ẑ mean ± SE | log Ẑ sd (rows) | "
@@ -93,6 +95,8 @@ def main() -> None:
     ap.add_argument("--plain", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stem", default="learn-digits-cpu")
+    ap.add_argument("--no-correction", action="store_true",
+                    help="learn only the per-time scale of the Tweedie twist")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -100,7 +104,7 @@ def main() -> None:
     reward_net = load_reward_classifier()
     model1 = DiffusersModel(unet, sched, class_labels=torch.tensor([NULL_CLASS]))
     reward1 = class_reward(reward_net, torch.tensor([a.digit]))
-    net = ChainValue(64)
+    net = ChainValue(64, correction=not a.no_correction)
     t0 = time.perf_counter()
     losses = train_chain_twist(model1, a.steps, reward1, net, seconds=a.seconds,
                                policy=a.policy, seed=0, log=print)

@@ -25,7 +25,7 @@ from torch import nn
 import pathsmc.ops as fused_ops
 from pathsmc.learn.path_consistency import path_consistency_loss
 
-__all__ = ["ChainPaths", "ChainValue", "chain_log_ratios", "sample_chain_paths",
+__all__ = ["ChainPaths", "ChainValue", "chain_log_ratios", "chain_loss", "sample_chain_paths",
            "train_chain_twist", "tweedie_base"]
 
 
@@ -59,9 +59,10 @@ class ChainValue(nn.Module):
     Args:
         dim: the flattened state size (64 for the 8×8 digits).
         hidden: the correction's hidden width (two layers).
+        correction: False: no ``c_θ`` (only the per-time scale is learned).
     """
 
-    def __init__(self, dim: int, hidden: int = 32) -> None:
+    def __init__(self, dim: int, hidden: int = 32, *, correction: bool = True) -> None:
         super().__init__()
         if int(dim) < 1 or int(hidden) < 1:
             raise ValueError(f"dim, hidden: expected positive integers, got {dim}, {hidden}")
@@ -72,6 +73,8 @@ class ChainValue(nn.Module):
         for last in (self.corr[-1], self.scale[-1]):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+        if not correction:
+            self.corr = None
 
     def parts(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a_θ(t), c_θ(x, t))`` for states ``(..., C, H, W)`` flattening to ``dim`` and
@@ -82,6 +85,8 @@ class ChainValue(nn.Module):
             raise ValueError(f"x: expected states of {self.dim} values, got {tuple(x.shape)}")
         tt = torch.as_tensor(t, dtype=flat.dtype, device=flat.device).expand(lead)[..., None]
         a = 2.0 * torch.sigmoid(self.scale(tt)[..., 0].double())
+        if self.corr is None:
+            return a, (0.0 * flat).sum(-1)
         return a, self.corr(torch.cat([flat, tt], -1))[..., 0]
 
     def value_and_grad(self, x: torch.Tensor, t: torch.Tensor, base: torch.Tensor,
@@ -91,7 +96,10 @@ class ChainValue(nn.Module):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             a, c = self.parts(xg, t)
-            (gc,) = torch.autograd.grad(c.sum(), xg, create_graph=create_graph)
+            if self.corr is None:
+                gc = torch.zeros_like(xg)
+            else:
+                (gc,) = torch.autograd.grad(c.sum(), xg, create_graph=create_graph)
         v = a * base + c.double()
         g = a.to(x.dtype)[(...,) + (None,) * 3] * base_grad + gc
         return v, g
