@@ -37,6 +37,8 @@ from pathsmc.models.digits import NULL_CLASS, load_digits_model, load_reward_cla
 def run(method: str, unet, sched, reward_net, digit: int, rows: int, n: int, steps: int,
         seed: int, net: ChainValue | None) -> dict:
     t_start = 0.3 if method.endswith("-t0.3") else 1.0
+    if method == "learned":
+        t_start = net.t_start
     labels = torch.full((rows,), NULL_CLASS)
     model = DiffusersModel(unet, sched, class_labels=labels, t_start=t_start)
     reward = class_reward(reward_net, torch.full((rows,), digit))
@@ -67,7 +69,7 @@ def markdown(data: dict) -> list[str]:
              f"seed {c['seed']}; training {data['train']['seconds']:.0f} s "
              f"({data['train']['iters']} iterations, policy {c['policy']}, "
              f"{'scale only' if c['no_correction'] else 'scale + MLP correction'}, "
-             f"{data['train']['params']} parameters, 1 thread), "
+             f"{data['train']['params']} parameters, t_start {c.get('t_start', 1.0)}, 1 thread), "
              f"loss {data['train']['loss_first']:.1f} → {data['train']['loss_last']:.2f} "
              f"(mean of the last 10: {data['train']['loss_last10']:.2f}).", "",
              "| method | final ESS | min ESS | log Ẑ mean ± SE | log Ẑ sd (rows) | "
@@ -95,6 +97,8 @@ def main() -> None:
     ap.add_argument("--plain", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stem", default="learn-digits-cpu")
+    ap.add_argument("--t-start", type=float, default=1.0,
+                    help="train and run the learned twist from t <= t_start only")
     ap.add_argument("--no-correction", action="store_true",
                     help="learn only the per-time scale of the Tweedie twist")
     a = ap.parse_args()
@@ -107,7 +111,8 @@ def main() -> None:
     net = ChainValue(64, correction=not a.no_correction)
     t0 = time.perf_counter()
     losses = train_chain_twist(model1, a.steps, reward1, net, seconds=a.seconds,
-                               policy=a.policy, seed=0, log=print)
+                               policy=a.policy, t_start=a.t_start, seed=0, log=print)
+    net.t_start = a.t_start
     train = {"seconds": time.perf_counter() - t0, "iters": len(losses),
              "loss_first": losses[0], "loss_last": losses[-1],
              "loss_last10": sum(losses[-10:]) / len(losses[-10:]), "losses": losses,

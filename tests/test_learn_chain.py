@@ -126,3 +126,16 @@ def test_bad_arguments_are_named():
     net = ChainValue(64, hidden=4)
     with pytest.raises(ValueError, match="x: expected states of 64"):
         net.parts(torch.zeros(1, 2, 1, 4, 4), torch.tensor(0.5))
+
+
+def test_t_start_keeps_the_active_steps_only():
+    model, _, reward, net = _setup()
+    paths = sample_chain_paths(model, STEPS, reward, particles=2, batch=1, net=net,
+                               guidance=GUIDANCE, t_start=0.3,
+                               generator=torch.Generator().manual_seed(2))
+    values, lr = chain_log_ratios(net, paths, guidance=GUIDANCE)
+    v3, lr3 = chain_log_ratios(net, paths, guidance=GUIDANCE, t_start=0.3)
+    k0 = STEPS + 1 - v3.shape[-1]
+    assert 0 < k0 < STEPS and float(paths.times[k0]) <= 0.3 < float(paths.times[k0 - 1])
+    torch.testing.assert_close(v3, values[..., k0:], rtol=0, atol=0)
+    torch.testing.assert_close(lr3, lr[..., k0:], rtol=0, atol=0)

@@ -147,10 +147,11 @@ class ChainPaths:
 @torch.no_grad()
 def sample_chain_paths(model, steps: int, reward: Callable[[torch.Tensor], torch.Tensor], *,
                        particles: int, batch: int = 1, net: ChainValue | None = None,
-                       guidance: float = 1.0, generator: torch.Generator | None = None
-                       ) -> ChainPaths:
+                       guidance: float = 1.0, t_start: float = 1.0,
+                       generator: torch.Generator | None = None) -> ChainPaths:
     """Independent paths (no resampling, no weights) from the chain guided by ``net``'s twist
-    (``None``: the plain chain), with the means and Tweedie bases recorded for
+    (``None``: the plain chain; guidance only at noise levels ``t_k <= t_start``, as
+    ``DiffusersModel(t_start=...)``), with the means and Tweedie bases recorded for
     :func:`chain_log_ratios`. ``model.class_labels`` must have ``batch`` rows if set."""
     chain = model.chain(steps)
     k_steps = chain.num_steps
@@ -166,7 +167,8 @@ def sample_chain_paths(model, steps: int, reward: Callable[[torch.Tensor], torch
         m = chain.mean(k, x, x0, eps)
         b, gb = base_fn(x, k)
         prop = m
-        if net is not None and st.std > 0.0 and guidance != 0.0:
+        if net is not None and st.std > 0.0 and guidance != 0.0 and \
+                st.frac <= t_start + 1e-12:
             _, g = net.value_and_grad(x, times[k], b, gb)
             prop = m + (guidance * st.std ** 2) * g
         noise = torch.randn(x.shape, generator=generator)
@@ -181,19 +183,22 @@ def sample_chain_paths(model, steps: int, reward: Callable[[torch.Tensor], torch
 
 
 def chain_log_ratios(net: ChainValue, paths: ChainPaths, *, guidance: float = 1.0,
-                     ops=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     t_start: float = 1.0, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values (B, N, K+1), log_ratios (B, N, K))`` along recorded paths, differentiable
     in ``net``: ``values[..., k] = V_θ(x_k, t_k)`` for k < K and ``r(x_K)`` at the end;
     ``log_ratios[..., k] = log N(x_{k+1}; m_k, s_k²) − log N(x_{k+1}; m_k + γ s_k² ∇V_θ,
-    s_k²)`` (0 where ``s_k = 0``), from the ops' ``kernel_logpdf`` (fused backward)."""
+    s_k²)`` (0 where ``s_k = 0``), from the ops' ``kernel_logpdf`` (fused backward).
+    With ``t_start < 1`` only the steps from the first ``t_k <= t_start`` on are returned (the
+    twisted SMC of ``DiffusersModel(t_start=...)`` starts its potentials there)."""
     ops = fused_ops if ops is None else ops
     x = paths.x.detach()
     k_steps = len(paths.std)
     if x.shape[2] != k_steps + 1:
         raise ValueError(f"paths.x: expected {k_steps + 1} states per path, got {x.shape[2]}")
     zeros = torch.zeros(x.shape[:2], dtype=torch.float64)
+    k0 = next((k for k in range(k_steps) if float(paths.times[k]) <= t_start + 1e-6), k_steps)
     vals, out = [], []
-    for k in range(k_steps):
+    for k in range(k0, k_steps):
         xk, xn, m = x[:, :, k], x[:, :, k + 1], paths.mean[:, :, k]
         v, g = net.value_and_grad(xk, paths.times[k], paths.base[:, :, k],
                                   paths.base_grad[:, :, k], create_graph=True)
@@ -210,10 +215,10 @@ def chain_log_ratios(net: ChainValue, paths: ChainPaths, *, guidance: float = 1.
 
 
 def chain_loss(net: ChainValue, paths: ChainPaths, *, guidance: float = 1.0,
-               spans: tuple[int | None, ...] = (1, None)) -> torch.Tensor:
+               t_start: float = 1.0, spans: tuple[int | None, ...] = (1, None)) -> torch.Tensor:
     """The sum over ``spans`` of :func:`~pathsmc.learn.path_consistency_loss` (sub-trajectory
     balance with windows of ``c`` steps; None: the whole path)."""
-    values, lr = chain_log_ratios(net, paths, guidance=guidance)
+    values, lr = chain_log_ratios(net, paths, guidance=guidance, t_start=t_start)
     return sum(path_consistency_loss(values, lr, span=c) for c in spans)
 
 
@@ -221,7 +226,8 @@ def train_chain_twist(model, steps: int, reward: Callable[[torch.Tensor], torch.
                       net: ChainValue, *, seconds: float = 120.0, iters: int | None = None,
                       particles: int = 32, guidance: float = 1.0, lr: float = 1e-3,
                       inner: int = 4, spans: tuple[int | None, ...] = (1, None),
-                      policy: str = "mix", clip: float = 10.0, seed: int = 0,
+                      policy: str = "mix", clip: float = 10.0, t_start: float = 1.0,
+                      seed: int = 0,
                       log: Callable[[str], None] | None = None
                       ) -> list[float]:
     """Train ``net`` by sub-trajectory balance (off-policy: any detached paths do) for
@@ -243,10 +249,10 @@ def train_chain_twist(model, steps: int, reward: Callable[[torch.Tensor], torch.
         guided = policy == "twist" or (policy == "mix" and it % 2 == 1)
         paths = sample_chain_paths(model, steps, reward, particles=particles, batch=1,
                                    net=net if guided else None, guidance=guidance,
-                                   generator=gen)
+                                   t_start=t_start, generator=gen)
         for _ in range(inner):
             opt.zero_grad()
-            loss = chain_loss(net, paths, guidance=guidance, spans=spans)
+            loss = chain_loss(net, paths, guidance=guidance, t_start=t_start, spans=spans)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
             opt.step()
