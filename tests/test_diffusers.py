@@ -194,6 +194,16 @@ def test_every_mode_with_image_states(unet):
         assert bool(torch.isfinite(res.particles).all()), mode
 
 
+def test_guidance_leaks_no_graph_into_the_results(unet):
+    # DDPM's kernel mean has an x term: the means that feed the weights must be taken at a
+    # graph-free x, or logw / log Ẑ / particles carry autograd graphs across steps
+    model = DiffusersModel(unet, diffusers.DDPMScheduler(), chunk_size=8)
+    res = steer(model, "reward", reward=_reward, guidance=0.2, particles=6, batch=2, steps=5,
+                seed=0)
+    for name in ("logw", "log_z", "particles"):
+        assert not getattr(res, name).requires_grad, name
+
+
 def test_cross_attention_unet_and_latent_decode():
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(

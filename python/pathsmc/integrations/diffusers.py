@@ -252,7 +252,7 @@ class DiffusersSteeringModel:
         for j0, j1 in _chunks(n, size):
             xc = x[:, j0:j1].detach()
             with torch.enable_grad() if want_grad else torch.no_grad():
-                xg = xc.requires_grad_(want_grad)
+                xg = xc.detach().requires_grad_(want_grad)  # xc stays graph-free (weights)
                 pot = grad = None
                 if final:
                     if want_pot:
