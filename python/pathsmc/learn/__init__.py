@@ -13,9 +13,19 @@ function serves the diffusion chains of :mod:`pathsmc.diffusion` and the token m
   ``V_θ(prefix)`` for token models;
 - :mod:`.diffusion_paths`, :mod:`.token_paths`: sampling paths (SMC, detached) and computing
   the per-step log-ratios ``log p_ref − log q_θ`` with gradients;
+- :mod:`.chain_paths`: the same for a diffusers chain (:class:`ChainValue`, paths, log-ratios,
+  :func:`train_chain_twist`);
 - :mod:`.replay`: a replay buffer of detached paths; :mod:`.train`: training loops.
 """
 
+from pathsmc.learn.chain_paths import (
+    ChainPaths,
+    ChainValue,
+    chain_log_ratios,
+    chain_loss,
+    sample_chain_paths,
+    train_chain_twist,
+)
 from pathsmc.learn.contrastive import contrastive_twist_loss
 from pathsmc.learn.diffusion_paths import (
     DiffusionPaths,
@@ -32,11 +42,15 @@ from pathsmc.learn.train import train_diffusion_twist, train_token_twist
 from pathsmc.learn.value_network import TokenValue, ValueNetwork
 
 __all__ = [
+    "ChainPaths",
+    "ChainValue",
     "DiffusionPaths",
     "ReplayBuffer",
     "TokenPaths",
     "TokenValue",
     "ValueNetwork",
+    "chain_log_ratios",
+    "chain_loss",
     "consistency_residuals",
     "contrastive_twist_loss",
     "diffusion_log_ratios",
@@ -45,9 +59,11 @@ __all__ = [
     "path_consistency_loss",
     "path_log_weights",
     "reparameterized_log_weights",
+    "sample_chain_paths",
     "sample_diffusion_paths",
     "sample_token_paths",
     "token_log_ratios",
+    "train_chain_twist",
     "train_diffusion_twist",
     "train_token_twist",
 ]
