@@ -29,6 +29,11 @@ TORCH_LIBRARY(pathsmc, m) {
   m.def(
       "adaptive_resample(Tensor[] states, Tensor logw, float threshold, str scheme, "
       "Tensor? uniforms, Generator? generator) -> (Tensor[], Tensor, Tensor, Tensor)");
+  // In place: every state is gathered into its own storage (extra memory: one row of one
+  // state). Not differentiable; pathsmc.ops.adaptive_resample_ refuses states that need grad.
+  m.def(
+      "adaptive_resample_(Tensor(a!)[] states, Tensor logw, float threshold, str scheme, "
+      "Tensor? uniforms, Generator? generator) -> (Tensor, Tensor, Tensor)");
   m.def(
       "mala_accept(Tensor x, Tensor x_prop, Tensor logp, Tensor logp_prop, Tensor grad, "
       "Tensor grad_prop, Tensor step, Tensor? uniforms, Generator? generator) "

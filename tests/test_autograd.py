@@ -470,3 +470,19 @@ def _opcheck_cases():
 def test_opcheck_with_grad(case: str) -> None:
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+def test_inplace_adaptive_resample_refuses_grad() -> None:
+    """The in-place op cannot pass a gradient: it raises instead (raw op and wrapper)."""
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    lw = torch.zeros(2, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"states\[0\] requires grad"):
+        OPS.adaptive_resample_([x], lw, 1.0, "systematic", None, None)
+    with pytest.raises(RuntimeError, match="logw requires grad"):
+        OPS.adaptive_resample_([x.detach().clone()], lw.clone().requires_grad_(), 1.0,
+                               "systematic", None, None)
+    with pytest.raises(ValueError, match=r"states\[0\].*requires grad"):
+        P.adaptive_resample_([x], lw)
+    with torch.no_grad():  # no graph is recorded: allowed
+        _, anc, res = OPS.adaptive_resample_([x], lw, 1.0, "systematic", None, None)
+    assert res.all() and anc.shape == (2, 4)

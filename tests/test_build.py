@@ -13,7 +13,7 @@ def test_build_info():
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda"], bool)
     for op in ("em_step", "kernel_logpdf", "normalize", "resample", "adaptive_resample",
-               "mala_accept", "replica_swap"):
+               "adaptive_resample_", "mala_accept", "replica_swap"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pathsmc::{op}", "CPU")
 
 

@@ -59,6 +59,10 @@ def _opcheck_cases(device):
         cases[f"adaptive_resample_{scheme}"] = (
             ops.adaptive_resample,
             (states, logw_dead, 0.9, scheme, _ru(*shape_n, device=device, seed=8), None))
+        cases[f"adaptive_resample__{scheme}"] = (
+            ops.adaptive_resample_,
+            ([s.clone() for s in states], logw_dead, 0.9, scheme,
+             _ru(*shape_n, device=device, seed=8), None))
     k, c = 4, 3
     swap_states = [_rn(k, c, 2, dtype=torch.float32, device=device, seed=9),
                    torch.arange(k * c, device=device).reshape(k, c)]
@@ -75,7 +79,7 @@ _CASE_NAMES = list(_opcheck_cases("cpu"))
 
 def test_every_op_has_an_opcheck_case():
     names = {"em_step", "kernel_logpdf", "normalize", "resample", "adaptive_resample",
-             "mala_accept", "replica_swap"}
+             "adaptive_resample_", "mala_accept", "replica_swap"}
     covered = {op._qualified_op_name.split("::")[-1] for op, _ in _opcheck_cases("cpu").values()}
     assert covered == names
 

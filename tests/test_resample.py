@@ -413,3 +413,79 @@ def test_adaptive_resample_thread_count_independent():
         assert torch.equal(a, c)
     for i in (1, 2, 3):
         assert torch.equal(outs[0][i], outs[1][i])
+
+
+# ---- adaptive_resample_ (in place) ----
+
+@pytest.mark.parametrize("threshold", [0.5, 1.0])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_adaptive_resample_inplace_equals_out_of_place(device, scheme, threshold):
+    """Same decision, ancestors and weights as adaptive_resample; the states end up equal to
+    its outputs, written into the callers' own storage."""
+    states, logw = _adaptive_inputs(device, torch.float64, seed=4)
+    states = [s.contiguous() for s in states]
+    b, n = logw.shape
+    u = _uniforms(scheme, b, n, torch.Generator().manual_seed(5), device)
+    want = pathsmc.adaptive_resample(states, logw, threshold, scheme, uniforms=u)
+    ptrs = [s.data_ptr() for s in states]
+    got = pathsmc.adaptive_resample_(states, logw, threshold, scheme, uniforms=u)
+    assert torch.equal(got[1], want[2]) and torch.equal(got[2], want[3])
+    assert_close(got[0], want[1])
+    assert [s.data_ptr() for s in states] == ptrs
+    for s, w in zip(states, want[0], strict=True):
+        assert torch.equal(s, w)
+    assert want[3].any()  # the case resamples something
+    # and the reference twin does the same
+    again, lw = _adaptive_inputs(device, torch.float64, seed=4)
+    again = [s.contiguous() for s in again]
+    e = ref.adaptive_resample_(again, lw, threshold, scheme, u)
+    assert torch.equal(e[1], got[1])
+    for s, w in zip(again, states, strict=True):
+        assert torch.equal(s, w)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_adaptive_resample_inplace_internal_rng_and_1d(device, scheme):
+    states, logw = _adaptive_inputs(device, torch.float64, seed=6)
+    states = [s.contiguous() for s in states]
+    want = pathsmc.adaptive_resample(states, logw, 0.5, scheme, generator=gen(device, 3))
+    pathsmc.adaptive_resample_(states, logw, 0.5, scheme, generator=gen(device, 3))
+    for s, w in zip(states, want[0], strict=True):
+        assert torch.equal(s, w)
+    n = 9
+    lw1 = (4 * torch.randn(n, generator=torch.Generator().manual_seed(7),
+                           dtype=torch.float64)).to(device)
+    x = torch.arange(n, device=device)
+    lw_out, anc, res = pathsmc.adaptive_resample_([x], lw1, 1.0, scheme, generator=gen(device, 1))
+    assert anc.shape == (n,) and res.shape == () and res.item()
+    assert torch.equal(x, anc)
+
+
+def test_adaptive_resample_inplace_views_of_a_cache(device):
+    """Cache-like states: (B·N, heads, len, dim) tensors viewed as (B, N, ...), many at once."""
+    b, n = 3, 16
+    g = torch.Generator().manual_seed(8)
+    cache = [torch.randn(b * n, 2, 5, 4, generator=g).to(device) for _ in range(6)]
+    logw = (3 * torch.randn(b, n, generator=g, dtype=torch.float64)).to(device)
+    logw[1] = 0.0  # a uniform row is kept (threshold 0.5)
+    copies = [c.clone() for c in cache]
+    u = torch.rand(b, generator=g, dtype=torch.float64).to(device)
+    _, anc, res = pathsmc.adaptive_resample_([c.view(b, n, 2, 5, 4) for c in cache], logw,
+                                             0.5, "systematic", uniforms=u)
+    assert res.tolist() == [True, False, True]
+    rows = torch.arange(b, device=device)[:, None]
+    for c, c0 in zip(cache, copies, strict=True):
+        assert torch.equal(c.view(b, n, -1), c0.view(b, n, -1)[rows, anc])
+
+
+def test_adaptive_resample_inplace_errors():
+    x = torch.randn(2, 4, 3)
+    lw = torch.zeros(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"states\[0\].*contiguous"):
+        pathsmc.adaptive_resample_([x.transpose(0, 1).contiguous().transpose(0, 1)], lw)
+    with pytest.raises(ValueError, match=r"states\[1\].*requires grad"):
+        pathsmc.adaptive_resample_([x, x.clone().requires_grad_()], lw)
+    with pytest.raises(ValueError, match=r"states\[0\].*\(2, 4, \.\.\.\)"):
+        pathsmc.adaptive_resample_([torch.randn(2, 3)], lw)
+    with pytest.raises(ValueError, match="scheme"):
+        pathsmc.adaptive_resample_([x], lw, scheme="nope")

@@ -8,7 +8,7 @@ import torch
 import pathsmc
 
 OPS = ("em_step", "kernel_logpdf", "em_step_backward", "kernel_logpdf_backward", "normalize",
-       "resample", "adaptive_resample", "mala_accept", "replica_swap")
+       "resample", "adaptive_resample", "adaptive_resample_", "mala_accept", "replica_swap")
 
 info = pathsmc.build_info()
 print(f"pathsmc built against torch {info['torch_version']}, CUDA kernels: {info['cuda']}, "

@@ -1,4 +1,4 @@
-// CPU kernels of the resampling family: resample and adaptive_resample.
+// CPU kernels of the resampling family: resample, adaptive_resample and its in-place form.
 //
 // Per row: one pass for the max, one for exp(l - max) and its float64 sum, then an O(N + M)
 // merge for systematic/stratified (binary searches for multinomial and residual remainders).
@@ -319,13 +319,11 @@ at::Tensor resample_cpu(const at::Tensor& logw_in, c10::string_view scheme_name,
 }
 
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive_resample_cpu(
-    at::TensorList states, const at::Tensor& logw_in, double threshold,
-    c10::string_view scheme_name, const std::optional<at::Tensor>& uniforms,
-    const std::optional<at::Generator>& generator) {
-  check_logw(logw_in, "adaptive_resample");
+// The resampling decision of adaptive_resample: (logw_out, ancestors, resampled) per row.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_ancestors(
+    const at::Tensor& logw_in, double threshold, c10::string_view scheme_name,
+    const std::optional<at::Tensor>& uniforms, const std::optional<at::Generator>& generator) {
   const int64_t B = logw_in.size(0), N = logw_in.size(1);
-  check_states(states, B, N, logw_in.device(), "adaptive_resample", "(B, N, ...)");
   const Scheme scheme = check_scheme(scheme_name);
   const at::Tensor logw = logw_in.contiguous();
   at::Tensor holder;
@@ -362,10 +360,65 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
       }
     });
   });
-  const int64_t* anc_p = ap;
+  return {logw_out, anc, mask};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive_resample_cpu(
+    at::TensorList states, const at::Tensor& logw_in, double threshold,
+    c10::string_view scheme_name, const std::optional<at::Tensor>& uniforms,
+    const std::optional<at::Generator>& generator) {
+  check_logw(logw_in, "adaptive_resample");
+  const int64_t B = logw_in.size(0), N = logw_in.size(1);
+  check_states(states, B, N, logw_in.device(), "adaptive_resample", "(B, N, ...)");
+  auto [logw_out, anc, mask] = adaptive_ancestors(logw_in, threshold, scheme_name, uniforms,
+                                                  generator);
+  const int64_t* anc_p = anc.data_ptr<int64_t>();
   std::vector<at::Tensor> out =
       gather_particles(states, B * N, [=](int64_t p) { return (p / N) * N + anc_p[p]; });
   return {out, logw_out, anc, mask};
+}
+
+// adaptive_resample_: the same decision, with each resampled row of every state gathered in
+// place through a scratch copy of that one row, so the extra memory is one row of one state
+// (not a second copy of every state, as with adaptive_resample: a KV cache is large).
+// Particles whose ancestor is themselves are not rewritten; rows kept are not touched.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_resample_inplace_cpu(
+    at::TensorList states, const at::Tensor& logw_in, double threshold,
+    c10::string_view scheme_name, const std::optional<at::Tensor>& uniforms,
+    const std::optional<at::Generator>& generator) {
+  check_logw(logw_in, "adaptive_resample_");
+  const int64_t B = logw_in.size(0), N = logw_in.size(1);
+  check_states(states, B, N, logw_in.device(), "adaptive_resample_", "(B, N, ...)");
+  for (size_t i = 0; i < states.size(); ++i)
+    TORCH_CHECK(states[i].is_contiguous(), "adaptive_resample_: states[", i,
+                "] must be contiguous (it is gathered in place)");
+  auto [logw_out, anc, mask] = adaptive_ancestors(logw_in, threshold, scheme_name, uniforms,
+                                                  generator);
+  const int64_t* ap = anc.data_ptr<int64_t>();
+  const bool* mp = mask.data_ptr<bool>();
+  int64_t max_row = 0;
+  for (const auto& s : states)
+    if (s.numel() > 0) max_row = std::max(max_row, s.numel() / B * s.element_size());
+  std::vector<char> scratch(static_cast<size_t>(max_row));
+  char* tmp = scratch.data();
+  for (const auto& s : states) {
+    if (s.numel() == 0) continue;
+    const int64_t bytes = s.numel() / (B * N) * s.element_size();
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1));
+    for (int64_t b = 0; b < B; ++b) {
+      if (!mp[b]) continue;
+      char* row = static_cast<char*>(s.data_ptr()) + b * N * bytes;
+      const int64_t* a = ap + b * N;
+      parallel_for(0, N, grain, [=](int64_t i0, int64_t i1) {
+        std::memcpy(tmp + i0 * bytes, row + i0 * bytes, (i1 - i0) * bytes);
+      });
+      parallel_for(0, N, grain, [=](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i)
+          if (a[i] != i) std::memcpy(row + i * bytes, tmp + a[i] * bytes, bytes);
+      });
+    }
+  }
+  return {logw_out, anc, mask};
 }
 
 }  // namespace
@@ -373,6 +426,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
 TORCH_LIBRARY_IMPL(pathsmc, CPU, m) {
   m.impl("resample", &resample_cpu);
   m.impl("adaptive_resample", &adaptive_resample_cpu);
+  m.impl("adaptive_resample_", &adaptive_resample_inplace_cpu);
 }
 
 }  // namespace pathsmc::cpu

@@ -1,4 +1,4 @@
-// CUDA kernels of the resampling family: resample and adaptive_resample.
+// CUDA kernels of the resampling family: resample, adaptive_resample and its in-place form.
 //
 // Many rows, many blocks per row, no host sync:
 //   1. chunk maxima of the log-weights       (grid: chunks x rows)
@@ -442,11 +442,40 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
   return {gather_particles(states, anc, N, 0, false), logw_out, anc, go};
 }
 
+// In place: each state is gathered into a temporary of its own size and copied back, so the
+// extra memory is one state, not a second copy of all of them (the CPU kernel needs one row).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_resample_inplace_cuda(
+    at::TensorList states, const at::Tensor& logw_in, double threshold,
+    c10::string_view scheme_name, const std::optional<at::Tensor>& uniforms,
+    const std::optional<at::Generator>& generator) {
+  check_logw(logw_in, "adaptive_resample_");
+  const int64_t N = logw_in.size(1);
+  check_states(states, logw_in.size(0), N, logw_in.device(), "adaptive_resample_",
+               "(B, N, ...)");
+  for (size_t i = 0; i < states.size(); ++i)
+    TORCH_CHECK(states[i].is_contiguous(), "adaptive_resample_: states[", i,
+                "] must be contiguous (it is gathered in place)");
+  const c10::cuda::CUDAGuard guard(logw_in.device());
+  const Scheme scheme = check_scheme(scheme_name);
+  const at::Tensor logw = logw_in.contiguous();
+  at::Tensor row_buf, go;
+  at::Tensor anc = ancestors(logw, scheme, N, uniforms, generator, threshold, row_buf, go);
+  const at::Tensor log_mean = row_buf[2].to(logw.scalar_type()).unsqueeze(1);
+  at::Tensor logw_out = at::where(go.unsqueeze(1), log_mean, logw);
+  for (const auto& s : states) {
+    if (s.numel() == 0) continue;
+    at::Tensor gathered = gather_particles({s}, anc, N, 0, false)[0];
+    s.copy_(gathered);  // same stream: the temporary is freed only after the copy
+  }
+  return {logw_out, anc, go};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pathsmc, CUDA, m) {
   m.impl("resample", &resample_cuda);
   m.impl("adaptive_resample", &adaptive_resample_cuda);
+  m.impl("adaptive_resample_", &adaptive_resample_inplace_cuda);
 }
 
 }  // namespace pathsmc::cuda

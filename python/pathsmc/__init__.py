@@ -10,6 +10,7 @@ from pathsmc import reference  # pure PyTorch, imports no driver: ops=pathsmc.re
 from pathsmc._build import build_info
 from pathsmc.ops import (
     adaptive_resample,
+    adaptive_resample_,
     em_step,
     kernel_logpdf,
     mala_accept,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "adaptive_resample",
+    "adaptive_resample_",
     "build_info",
     "em_step",
     "kernel_logpdf",

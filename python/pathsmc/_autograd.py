@@ -27,6 +27,8 @@ What is differentiable (the same for the raw ops and the wrappers in :mod:`paths
   input each output was taken from; the accept/swap decisions (``step``, ``log_ratio``,
   ``uniforms``) are piecewise constant and get no gradient.
 - ``resample``: its only output is integer ancestors; nothing to differentiate.
+- ``adaptive_resample_`` (in place): not differentiable; it raises when a state or ``logw``
+  requires grad (with grad mode on).
 """
 
 from __future__ import annotations
@@ -379,8 +381,31 @@ def _swap_backward(ctx, g_states, _g_acc, _g_perm):
         None, None, None, None
 
 
+# ---- adaptive_resample_: in place, not differentiable ------------------------------------
+
+_LIB = torch.library.Library("pathsmc", "IMPL")  # noqa: TOR901 (kept alive with the module)
+
+
+def _inplace_resample_autograd(states, logw, threshold, scheme, uniforms, generator):
+    """The Autograd kernel of ``pathsmc::adaptive_resample_``: refuses inputs that need grad
+    (an in-place gather cannot pass a correct gradient), then runs the device kernel."""
+    if torch.is_grad_enabled():
+        for i, s in enumerate(states):
+            if s.requires_grad:
+                raise RuntimeError(f"pathsmc::adaptive_resample_: states[{i}] requires grad; "
+                                   "the in-place gather is not differentiable (use "
+                                   "pathsmc::adaptive_resample)")
+        if logw.requires_grad:
+            raise RuntimeError("pathsmc::adaptive_resample_: logw requires grad; the in-place "
+                               "op is not differentiable (use pathsmc::adaptive_resample)")
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.pathsmc.adaptive_resample_(states, logw, threshold, scheme, uniforms,
+                                                    generator)
+
+
 def register() -> None:
     """Register every formula above on ``torch.ops.pathsmc.*`` (once, at import)."""
+    _LIB.impl("adaptive_resample_", _inplace_resample_autograd, "Autograd")
     reg = torch.library.register_autograd
     reg("pathsmc::em_step", _em_step_backward, setup_context=_em_step_setup)
     reg("pathsmc::kernel_logpdf", _kernel_logpdf_backward, setup_context=_kernel_logpdf_setup)

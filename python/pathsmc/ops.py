@@ -42,6 +42,7 @@ __all__ = [
     "normalize",
     "resample",
     "adaptive_resample",
+    "adaptive_resample_",
     "mala_accept",
     "replica_swap",
 ]
@@ -305,6 +306,54 @@ def adaptive_resample(
     return list(out), lw_out, anc, mask
 
 
+def adaptive_resample_(
+    states: Sequence[torch.Tensor],
+    logw: torch.Tensor,
+    threshold: float = 0.5,
+    scheme: str = "systematic",
+    uniforms: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`adaptive_resample` gathering every state in place (same decision, ancestors and
+    random stream: the states end up equal to its outputs).
+
+    For large states such as a language model's KV cache: the out-of-place op holds a second
+    copy of every state until the caller drops the first; this one needs one extra row of one
+    state (CPU) or one extra state (CUDA). Rows that are not resampled are not touched. States
+    must be contiguous ``(B, N, ...)`` tensors (views of a larger contiguous tensor are fine)
+    and cannot require grad (use :func:`adaptive_resample` to differentiate).
+
+    Returns ``(logw_out, ancestors (B, N) int64, resampled (B,) bool)``.
+    """
+    threshold = float(threshold)
+    if not threshold >= 0:
+        raise ValueError(f"threshold: expected a float >= 0, got {threshold}")
+    if logw.dim() not in (1, 2):
+        raise ValueError(f"logw: expected shape (N,) or (B, N), got {tuple(logw.shape)}")
+    lw, u = _check_resample_args(logw, scheme, logw.shape[-1], uniforms)
+    b, n = lw.shape
+    squeeze = logw.dim() == 1
+    st = []
+    for i, s in enumerate(states):
+        check_tensor(s, f"states[{i}]", dtypes=None, device=logw.device)
+        if s.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"states[{i}]: requires grad; in-place resampling is not "
+                             "differentiable (use pathsmc.ops.adaptive_resample)")
+        if not s.is_contiguous():
+            raise ValueError(f"states[{i}]: must be contiguous to be gathered in place "
+                             f"(shape {tuple(s.shape)}, strides {s.stride()})")
+        s2 = s.unsqueeze(0) if squeeze else s
+        if s2.dim() < 2 or tuple(s2.shape[:2]) != (b, n):
+            want = f"({n}, ...)" if squeeze else f"({b}, {n}, ...)"
+            raise ValueError(f"states[{i}]: expected shape {want} to match logw, "
+                             f"got {tuple(s.shape)}")
+        st.append(s2)
+    lw_out, anc, mask = _ops.adaptive_resample_(st, lw, threshold, scheme, u, generator)
+    if squeeze:
+        return lw_out[0], anc[0], mask[0]
+    return lw_out, anc, mask
+
+
 def mala_accept(
     x: torch.Tensor,
     x_prop: torch.Tensor,
@@ -431,6 +480,13 @@ def _adaptive_resample_fake(states, logw, threshold, scheme, uniforms, generator
         logw.new_empty((b, n), dtype=torch.int64),
         logw.new_empty((b,), dtype=torch.bool),
     )
+
+
+@torch.library.register_fake("pathsmc::adaptive_resample_")
+def _adaptive_resample_inplace_fake(states, logw, threshold, scheme, uniforms, generator):
+    b, n = logw.shape
+    return (torch.empty_like(logw), logw.new_empty((b, n), dtype=torch.int64),
+            logw.new_empty((b,), dtype=torch.bool))
 
 
 @torch.library.register_fake("pathsmc::mala_accept")

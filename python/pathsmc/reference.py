@@ -24,6 +24,7 @@ __all__ = [
     "normalize",
     "resample",
     "adaptive_resample",
+    "adaptive_resample_",
     "mala_accept",
     "replica_swap",
     "gaussian_logpdf",
@@ -234,6 +235,22 @@ def adaptive_resample(
     states_out = [s[rows, anc] for s in states]
     logw_out = torch.where(mask.unsqueeze(-1), log_mean.unsqueeze(-1).expand(b, n), logw)
     return states_out, logw_out, anc, mask
+
+
+def adaptive_resample_(
+    states: Sequence[torch.Tensor],
+    logw: torch.Tensor,
+    threshold: float = 0.5,
+    scheme: str = "systematic",
+    uniforms: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`adaptive_resample` writing the gathered states back into ``states``."""
+    out, logw_out, anc, mask = adaptive_resample(states, logw, threshold, scheme, uniforms,
+                                                 generator)
+    for s, o in zip(states, out, strict=True):
+        s.copy_(o)
+    return logw_out, anc, mask
 
 
 def mala_accept(

@@ -104,7 +104,8 @@ class CachedLMParticles:
     The prompt ``(B, P)`` int64 (equal lengths) is run once per row, then its cache is expanded
     to N particles. :attr:`log_probs` are the next-token log-probabilities ``(B, N, V)`` float64
     of the current prefixes; :meth:`advance` feeds one token per particle; :meth:`resample`
-    gathers tokens, cache and any extra per-particle states with one ``adaptive_resample``.
+    gathers tokens, cache and any extra per-particle states with one in-place
+    ``adaptive_resample_``.
     """
 
     @torch.no_grad()
@@ -146,24 +147,32 @@ class CachedLMParticles:
                  gather_log_probs: bool = True
                  ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adaptive resampling of the rows with ESS < ``threshold``·N: gathers tokens, next-token
-        log-probabilities, every cache tensor and ``extra`` (each ``(B, N, ...)``) in one op call
-        and writes the cache back in place. Returns ``(extra, logw, ancestors, resampled)``.
+        log-probabilities, every cache tensor and ``extra`` (each ``(B, N, ...)``) in one
+        in-place op call (:func:`pathsmc.ops.adaptive_resample_`), so the cache is never held
+        twice: the extra memory is one row of one cache tensor on CPU, one cache tensor on
+        CUDA. ``extra`` is copied first (the caller's tensors are not modified). Returns
+        ``(extra gathered, logw, ancestors, resampled)``.
 
         ``gather_log_probs=False`` skips the ``(B, N, V)`` log-probabilities (a large copy for a
         large vocabulary) when :meth:`advance` follows at once; :attr:`log_probs` is then stale
         (None) until it does."""
         b, n = self.batch, self.particles
-        kv = cache_tensors(self.cache)
+        # in place needs contiguous tensors; a tensor listed twice is gathered once
+        kv = [t if t.is_contiguous() else t.contiguous() for t in cache_tensors(self.cache)]
+        seen: set[int] = set()
+        unique_kv = [t for t in kv if not (t.data_ptr() in seen or seen.add(t.data_ptr()))]
+        self.tokens = self.tokens.contiguous()
+        if gather_log_probs:
+            self.log_probs = self.log_probs.contiguous()
         lp = [self.log_probs] if gather_log_probs else []
-        states = [self.tokens, *lp, *extra, *(t.view(b, n, *t.shape[1:]) for t in kv)]
-        out, logw, anc, mask = fused_ops.adaptive_resample(states, logw, threshold, scheme,
-                                                           generator=generator)
-        self.tokens = out[0]
-        self.log_probs = out[1] if gather_log_probs else None
-        k = 1 + len(lp) + len(extra)
-        self.cache = set_cache_tensors(self.cache, [t.reshape(b * n, *t.shape[2:])
-                                                    for t in out[k:]])
-        return list(out[1 + len(lp):k]), logw, anc, mask
+        extra = [e.clone(memory_format=torch.contiguous_format) for e in extra]
+        states = [self.tokens, *lp, *extra, *(t.view(b, n, *t.shape[1:]) for t in unique_kv)]
+        logw, anc, mask = fused_ops.adaptive_resample_(states, logw, threshold, scheme,
+                                                       generator=generator)
+        if not gather_log_probs:
+            self.log_probs = None
+        self.cache = set_cache_tensors(self.cache, kv)
+        return extra, logw, anc, mask
 
 
 # ---- the driver ------------------------------------------------------------------------------
