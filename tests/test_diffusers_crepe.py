@@ -5,10 +5,9 @@ and a product; a perturbed step weight fails; a random tiny UNet runs end to end
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from conftest import ExactGaussianEps
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -18,18 +17,6 @@ from pathsmc.integrations.diffusers import DiffusersModel  # noqa: E402
 
 SHAPE = (1, 2, 2)
 THETA = torch.tensor([0.5, -0.3, 0.2, 0.0], dtype=torch.float64)
-
-
-class ExactGaussianEps(torch.nn.Module):
-    """E[ε | x_t] = √(1 − ᾱ_t) x_t, the exact ε-prediction for N(0, I) data."""
-
-    def __init__(self, scheduler) -> None:
-        super().__init__()
-        self.register_buffer("ac", scheduler.alphas_cumprod.clone())
-
-    def forward(self, sample, timestep, **kw):
-        ab = self.ac[int(timestep)].to(sample.dtype)
-        return SimpleNamespace(sample=torch.sqrt(1 - ab) * sample)
 
 
 @pytest.fixture(scope="module")
