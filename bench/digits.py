@@ -138,6 +138,9 @@ def table(setup, particles: int, runs: int, steps: int, seed: int) -> dict:
            "independent_se_per_class": [float(a) for a in tab.estimate_se],
            "independent_mean": tab.reference[0], "independent_mean_se": tab.reference[1],
            "methods": rows, "seconds": time.perf_counter() - t0}
+    for m in ("fk-diff", "fk-max", "tds"):
+        if m in rows:
+            rows[m]["class_sum_z"], rows[m]["class_sum_z_se"] = tab.class_sum(m)
     if runs > 1:
         for m in ("fk-diff", "tds"):
             if m in rows:
@@ -170,16 +173,19 @@ def markdown(data: dict) -> list[str]:
     for t in data.get("tables", []):
         lines += [f"## Demo table: N = {t['particles_per_row']} per row, {t['runs']} replicate "
                   f"rows per class, {t['steps']} DDPM steps", "",
-                  "| method | judge acc | diversity | log Ẑ ± SE | final ESS | max abs z | s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| method | judge acc | diversity | log Ẑ ± SE | final ESS | max abs z | "
+                  "Σ_k Ẑ_k (exact 1) | s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for m, r in t["methods"].items():
             lz = (f"{r['log_z_mean']:.3f} ± {r['log_z_se']:.3f}" if "log_z_mean" in r else "—")
             ess = f"{r['final_ess_mean']:.0f}" if "final_ess_mean" in r else "—"
             z = f"{r['max_abs_z']:.2f}" if "max_abs_z" in r else ""
+            cs = (f"{r['class_sum_z']:.3f} ± {r['class_sum_z_se']:.3f}"
+                  if "class_sum_z" in r else "")
             lines.append(f"| {m} | {r['judge_accuracy']:.3f} | {r['diversity']:.3f} | {lz} | "
-                         f"{ess} | {z} | {r['seconds']:.1f} |")
+                         f"{ess} | {z} | {cs} | {r['seconds']:.1f} |")
         lines += [f"| plain (independent) | | | {t['independent_mean']:.3f} ± "
-                  f"{t['independent_mean_se']:.3f} | | | {t['plain_seconds']:.1f} |", ""]
+                  f"{t['independent_mean_se']:.3f} | | | | {t['plain_seconds']:.1f} |", ""]
     return lines
 
 

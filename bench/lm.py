@@ -8,7 +8,7 @@ the same trajectories and their log Ẑ agree to rounding (checked: ``|Δ log �
 first method). They differ only in how the KV cache follows the resampled ancestors:
 
 - ``pathsmc``: :func:`pathsmc.integrations.transformers.lm_smc` — tokens, per-particle state
-  and every cache tensor gathered in one ``pathsmc.ops.adaptive_resample`` call;
+  and every cache tensor gathered in place by one ``pathsmc.ops.adaptive_resample_`` call;
 - ``recompute``: no cache; each step runs the model on the full prefix (prompt + generated
   tokens) of every particle (twisted-smc-lm's way);
 - ``deepcopy``: each particle owns its cache (a list of ``(1, heads, len, dim)`` tensors); at
@@ -29,6 +29,11 @@ bias whichever method goes first); pathsmc and reorder, the close pair, are time
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/lm.py [--threads 1] [--quick]
 
 Results: bench/results/lm-cpu.{json,md}.
+
+``--memory``: instead of timing, the peak memory of each method's run, each in a fresh
+process (peak RSS during the run minus RSS before it; glibc serves these large blocks with
+mmap, so freed memory goes back and the peak is the run's own). Results:
+bench/results/lm-memory-cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -36,8 +41,12 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import math
 import os
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -137,6 +146,67 @@ def build(name: str):
     return model, prompt, allowed, "GPT-2-small config, random weights (124 M, V=50257)"
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_child(name: str, method: str, n: int, steps: int, seed: int) -> None:
+    """One run in this (fresh) process; prints a JSON line with the run's peak memory."""
+    model, prompt, allowed, _ = build(name)
+    run(model, prompt, 4, 2, allowed, method, seed)  # imports and code paths
+    before = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sec, lz = run(model, prompt, n, steps, allowed, method, seed)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cfg = model.config
+    cache = (n * (prompt.shape[1] + steps) * cfg.n_layer * 2 * cfg.n_embd
+             * next(model.parameters()).element_size())
+    print(json.dumps({"model": name, "method": method, "particles": n, "tokens": steps,
+                      "peak_run_bytes": peak - before, "peak_before_run_bytes": peak_before,
+                      "rss_before_bytes": before, "final_cache_bytes": cache,
+                      "seconds": sec, "log_z": lz}), flush=True)
+
+
+def memory(args) -> None:
+    """Peak memory of each method (fresh process each) → lm-memory-cpu.{json,md}."""
+    rows = []
+    for name in args.models.split(","):
+        for n in args.particles:
+            for m in args.methods.split(","):
+                if m == "recompute" and name != "char" and n > args.recompute_max:
+                    continue
+                cmd = [sys.executable, __file__, "--threads", str(args.threads), "--peak-child",
+                       f"{name},{m},{n},{args.tokens}"]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(f"{name:10s} N={n:5d} L={args.tokens:3d} {m:10s} peak "
+                      f"{row['peak_run_bytes'] / 2**20:8.0f} MiB (final cache "
+                      f"{row['final_cache_bytes'] / 2**20:.0f} MiB), {row['seconds']:.1f} s",
+                      flush=True)
+    machine = cpu_name()
+    meta = {"machine": machine, "threads": args.threads, "torch": torch.__version__,
+            "pathsmc": pathsmc.__version__,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    lines = [f"# LM SMC peak memory — {machine}", "",
+             f"torch {meta['torch']}, {meta['date']}. Each run in a fresh process: peak RSS "
+             "during the run minus RSS before it, in MiB; the final cache is the KV cache's "
+             "size after the last token (N · (P + L) · layers · 2 · width · 4 bytes). "
+             "Resampling at every step, as in the timing table.", "",
+             "| model | N | L | method | peak MiB | final cache MiB | peak / cache | s |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['particles']} | {r['tokens']} | {r['method']} | "
+                     f"{r['peak_run_bytes'] / 2**20:.0f} | {r['final_cache_bytes'] / 2**20:.0f}"
+                     f" | {r['peak_run_bytes'] / r['final_cache_bytes']:.2f} | "
+                     f"{r['seconds']:.1f} |")
+    path = write_results(args.out_dir, "lm-memory-cpu" + args.suffix,
+                         {"meta": meta, "rows": rows}, lines)
+    print("\n".join(lines))
+    print(f"wrote {path}.json/.md")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--particles", type=int, nargs="+", default=[64, 256, 1024])
@@ -157,8 +227,18 @@ def main() -> None:
                     help="comma-separated subset of " + ",".join(METHODS) + " (pathsmc first)")
     ap.add_argument("--suffix", default="", help="appended to the results' file name")
     ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--memory", action="store_true",
+                    help="measure each method's peak memory (fresh process each) instead")
+    ap.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.peak_child:
+        name, m, n, steps = args.peak_child.split(",")
+        peak_child(name, m, int(n), int(steps), args.seed)
+        return
+    if args.memory:
+        memory(args)
+        return
     if args.quick:
         args.particles, args.tokens, args.models = [16], 8, "char"
     import transformers

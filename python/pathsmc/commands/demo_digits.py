@@ -353,6 +353,18 @@ class DigitsTable:
         return [float(x) for x in z]
 
 
+    def class_sum(self, method: str) -> tuple[float, float]:
+        """An exact check that needs no reference sampler: the reward is log p₁(k | x) and
+        Σ_k p₁(k | x) = 1, so Σ_k Z_k = 1. Returns the mean over replicates of Σ_k Ẑ_k (each
+        replicate is one row per class) and its SE (nan for runs = 1). Ẑ is unbiased, but with
+        a sharp classifier on Tweedie's x̂₀ its right tail is heavy (docs/diffusers.md): a
+        value below 1 with a small SE is that tail not sampled yet."""
+        r = next(r for r in self.rows if r.method == method)
+        tot = r.log_z.double().reshape(self.runs, NUM_CLASSES).exp().sum(1)
+        se = float(tot.std()) / math.sqrt(self.runs) if self.runs > 1 else math.nan
+        return float(tot.mean()), se
+
+
 def digits_table(setup: DigitsSetup, *, particles: int, steps: int = 50, runs: int = 2,
                  seed: int = 0, plain: int | None = None,
                  methods: Sequence[str] = DIGITS_METHODS, t_start: float = 0.3,
@@ -437,6 +449,13 @@ def _run(*, particles, steps, runs, seed, device, out, plot, plain, methods, t_s
                     f"they agree)")
         log("  (SE of log Ẑ: replicate variance pooled over the classes. SMC's Ẑ is unbiased, "
             "so log Ẑ is slightly low when the ESS is small.)")
+        sums = []
+        for r in checked:
+            m, se = tab.class_sum(r.method)
+            sums.append(f"{r.method} {m:.3f}" + (f" ± {se:.3f}" if math.isfinite(se) else ""))
+        log("  Σ_k Ẑ_k, mean over the replicates (exact value 1, as Σ_k p₁(k | x) = 1): "
+            + ", ".join(sums) + (f" (an SE from {runs} replicates is rough: --runs 8 or more "
+                                 "for a real check)" if runs < 8 else ""))
     if plot:
         try:
             written = [plot_grid([r], out / f"digits-{r.method}.png", seed=seed) for r in rows]
