@@ -10,8 +10,10 @@ one row per class; the table gives the mean over replicates of Σ_k Ẑ_k with i
    under a nat) and ``sharp`` (logits × 2 on 8×8: log p(k | x̂₀) moves by tens of nats between
    steps, like a trained CNN on Tweedie's x̂₀). FK (difference potentials) and TDS (guidance 1),
    with no resampling (threshold 0: pure importance sampling), adaptive (0.5) and every step (1).
+   ``sharp, λ=ᾱ²``: the sharp case with ``potential_scale`` λ(t) = ᾱ_t² on the intermediate
+   potentials (the final one stays r: same target and Z, tamer weights on the way).
 2. ``digits`` (``--digits N,runs``): the shipped digits DDPM with its reward CNN, FK and TDS
-   from t ≤ 0.3 (the demo's settings), 10 classes.
+   from t ≤ 0.3 (the demo's settings), 10 classes; ``--digits-scale`` adds λ(t) = ᾱ_t².
 
     nice -n 10 .venv/bin/python bench/class_sum.py [--digits 256,16] [--threads 1]
 
@@ -54,8 +56,15 @@ def class_sums(log_z: torch.Tensor, reps: int, k: int) -> tuple[float, float, fl
     return float(tot.mean()), float(tot.std()) / math.sqrt(reps), float(tot.max())
 
 
+def alpha_bar_squared(scheduler):
+    """λ(t) = ᾱ_t² of ``scheduler`` (t = timestep / num_train_timesteps)."""
+    ac = scheduler.alphas_cumprod.double()
+    steps = int(scheduler.config.num_train_timesteps)
+    return lambda t: float(ac[min(int(round(t * steps)), steps - 1)]) ** 2
+
+
 def exact_case(sharp: bool, guidance: float, threshold: float, n: int, reps: int,
-               seed: int) -> dict:
+               seed: int, scaled: bool = False) -> dict:
     import diffusers
 
     k = 3
@@ -70,7 +79,8 @@ def exact_case(sharp: bool, guidance: float, threshold: float, n: int, reps: int
 
     sch = diffusers.DDPMScheduler(variance_type="fixed_small", clip_sample=True,
                                   beta_schedule="squaredcos_cap_v2")
-    model = DiffusersModel(ExactGaussianEps(sch), sch, sample_shape=shape, chunk_size=1 << 20)
+    model = DiffusersModel(ExactGaussianEps(sch), sch, sample_shape=shape, chunk_size=1 << 20,
+                           potential_scale=alpha_bar_squared(sch) if scaled else None)
     t0 = time.perf_counter()
     import warnings
 
@@ -79,20 +89,24 @@ def exact_case(sharp: bool, guidance: float, threshold: float, n: int, reps: int
         res = steer(model, "reward", reward=reward, guidance=guidance, particles=n,
                     batch=k * reps, steps=50, threshold=threshold, seed=seed, progress=False)
     mean, se, mx = class_sums(res.log_z, reps, k)
-    return {"case": "sharp" if sharp else "tame", "method": "tds" if guidance else "fk",
+    case = ("sharp" if sharp else "tame") + (", λ=ᾱ²" if scaled else "")
+    return {"case": case, "method": "tds" if guidance else "fk",
             "threshold": threshold, "particles": n, "replicates": reps, "seed": seed,
             "class_sum": mean, "se": se, "max": mx, "min_ess": float(res.ess.min()),
             "seconds": time.perf_counter() - t0}
 
 
-def digits_case(method: str, n: int, runs: int, seed: int) -> dict:
+def digits_case(method: str, n: int, runs: int, seed: int, scaled: bool = False) -> dict:
     from pathsmc.commands.demo_digits import load_setup, run_method
 
     setup = load_setup("cpu")
-    r = run_method(setup, method, particles=n, runs=runs, steps=50, seed=seed)
+    scale = alpha_bar_squared(setup.scheduler) if scaled else None
+    r = run_method(setup, method, particles=n, runs=runs, steps=50, seed=seed,
+                   potential_scale=scale)
     mean, se, mx = class_sums(r.log_z, runs, 10)
     lz = r.log_z.double().reshape(runs, 10)
-    return {"case": "digits", "method": method, "threshold": 0.5, "particles": n,
+    return {"case": "digits" + (", λ=ᾱ²" if scaled else ""), "method": method,
+            "threshold": 0.5, "particles": n,
             "replicates": runs, "seed": seed, "class_sum": mean, "se": se, "max": mx,
             "min_ess": float(r.final_ess.min()), "seconds": r.seconds,
             "sd_log_z_per_class": [float(v) for v in lz.std(0)],
@@ -103,6 +117,8 @@ def digits_case(method: str, n: int, runs: int, seed: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--digits", default="", help="N,runs for the digits model (slow)")
+    ap.add_argument("--digits-scale", action="store_true",
+                    help="digits: also with potential_scale λ(t) = ᾱ_t²")
     ap.add_argument("--no-exact", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seeds", type=int, default=3)
@@ -114,17 +130,21 @@ def main() -> None:
         plan = [(False, g, 0.5, 64, 48) for g in (0.0, 1.0)]
         plan += [(True, 0.0, thr, 8, 2048) for thr in (0.0, 0.5, 1.0)]
         plan += [(True, g, 0.5, n, r) for g in (0.0, 1.0) for n, r in ((64, 96), (1024, 16))]
-        for sharp, g, thr, n, reps in plan:
+        plan = [(*p, False) for p in plan]
+        plan += [(True, g, 0.5, n, r, True) for g in (0.0, 1.0) for n, r in ((64, 96),
+                                                                              (1024, 16))]
+        for sharp, g, thr, n, reps, scaled in plan:
             for seed in range(a.seeds):
-                row = exact_case(sharp, g, thr, n, reps, seed)
+                row = exact_case(sharp, g, thr, n, reps, seed, scaled)
                 rows.append(row)
                 print(row, flush=True)
     if a.digits:
         n, runs = (int(v) for v in a.digits.split(","))
-        for m in ("fk-diff", "tds"):
-            row = digits_case(m, n, runs, seed=1)
-            rows.append(row)
-            print(row, flush=True)
+        for scaled in (False, True) if a.digits_scale else (False,):
+            for m in ("fk-diff", "tds"):
+                row = digits_case(m, n, runs, seed=1, scaled=scaled)
+                rows.append(row)
+                print(row, flush=True)
     meta = {"machine": cpu_name(), "threads": a.threads, "torch": torch.__version__,
             "pathsmc": pathsmc.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

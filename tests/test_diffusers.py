@@ -290,3 +290,47 @@ def test_errors(unet):
         steer(model, "temper", beta=0.5, weighting="density", particles=2, steps=2)
     with pytest.raises(ValueError, match="times"):
         steer(model, "temper", beta=0.5, times=[1.0, 0.5, 0.0], particles=2, steps=2)
+
+
+def test_potential_scale_keeps_the_target():
+    """λ(t)·r on the intermediate potentials, r at the end: without resampling every path's
+    weight is still exactly r(x_K); with it, Σ_k Ẑ_k = 1 holds; bad scales are named."""
+    k, reps, shape = 3, 48, (1, 4, 4)
+    w = torch.randn(16, k, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    classes = torch.arange(k).repeat(reps)
+
+    def reward(im):  # row b asks for class b mod k (any batch that is a multiple of k)
+        lp = (0.35 * im.double().flatten(2) @ w).log_softmax(-1)
+        c = classes[:lp.shape[0]].view(-1, 1, 1).expand(*lp.shape[:2], 1)
+        return lp.gather(-1, c)[..., 0]
+
+    sch = diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False)
+    seen = []
+
+    def lam(t):
+        seen.append(t)
+        return 0.6 * (1.0 - t) ** 2  # λ(0) = 0.6: the final potential must stay r
+
+    model = DiffusersModel(ExactGaussianEps(sch), sch, sample_shape=shape, chunk_size=4096,
+                           potential_scale=lam)
+    plain = steer(model, "reward", reward=reward, particles=8, batch=k, steps=STEPS,
+                  threshold=0.0, seed=1, progress=False)
+    torch.testing.assert_close(plain.logw, reward(plain.particles))
+    assert len(seen) == STEPS and min(seen) >= 0.0  # evaluated once per step, up front
+    unscaled = steer(DiffusersModel(ExactGaussianEps(sch), sch, sample_shape=shape),
+                     "reward", reward=reward, particles=8, batch=k, steps=STEPS, threshold=1.0,
+                     seed=1, progress=False)
+    scaled = steer(model, "reward", reward=reward, particles=8, batch=k, steps=STEPS,
+                   threshold=1.0, seed=1, progress=False)
+    assert not torch.allclose(scaled.logw, unscaled.logw)  # the scale acts on the way
+    res = steer(model, "reward", reward=reward, guidance=1.0, particles=64, batch=k * reps,
+                steps=STEPS, threshold=0.9, seed=0, progress=False)
+    total = res.log_z.exp().reshape(reps, k).sum(1)
+    se = total.std().item() / math.sqrt(reps)
+    assert se < 0.04 and abs(total.mean().item() - 1.0) < 4.0 * se + 0.005
+    with pytest.raises(TypeError, match="potential_scale"):
+        DiffusersModel(ExactGaussianEps(sch), sch, sample_shape=shape, potential_scale=2.0)
+    bad = DiffusersModel(ExactGaussianEps(sch), sch, sample_shape=shape,
+                         potential_scale=lambda t: float("nan"))
+    with pytest.raises(ValueError, match="potential_scale: not finite"):
+        steer(bad, "reward", reward=reward, particles=4, batch=k, steps=STEPS, progress=False)

@@ -183,20 +183,23 @@ class DigitsRun:
     warnings: list[str] = field(default_factory=list)
 
 
-def _models(setup: DigitsSetup, classes: torch.Tensor, chunk_size: int, t_start: float):
+def _models(setup: DigitsSetup, classes: torch.Tensor, chunk_size: int, t_start: float,
+            potential_scale: Callable[[float], float] | None = None):
     from pathsmc.integrations.diffusers import DiffusersModel
     from pathsmc.models.digits import NULL_CLASS
 
     null = torch.full_like(classes, NULL_CLASS)
     uncond = DiffusersModel(setup.unet, setup.scheduler, class_labels=null,
-                            chunk_size=chunk_size, t_start=t_start)
+                            chunk_size=chunk_size, t_start=t_start,
+                            potential_scale=potential_scale)
     cond = uncond.with_condition(class_labels=classes)
     return uncond, cond
 
 
 def run_method(setup: DigitsSetup, method: str, *, particles: int, runs: int = 1,
                steps: int = 50, seed: int = 0, w: float = 3.0, guidance: float = 1.0,
-               t_start: float = 0.3, chunk_size: int = 4096) -> DigitsRun:
+               t_start: float = 0.3, chunk_size: int = 4096,
+               potential_scale: Callable[[float], float] | None = None) -> DigitsRun:
     """Run one method of the demo (see :data:`DIGITS_METHODS`) on ``10·runs`` rows of
     ``particles`` particles each; returns its particles, weights, log Ẑ and wall time."""
     import warnings as _warnings
@@ -208,7 +211,7 @@ def run_method(setup: DigitsSetup, method: str, *, particles: int, runs: int = 1
         raise ValueError(f"method: expected one of {DIGITS_METHODS}, got {method!r}")
     classes = row_classes(runs, setup.device)
     b = classes.numel()
-    uncond, cond = _models(setup, classes, chunk_size, t_start)
+    uncond, cond = _models(setup, classes, chunk_size, t_start, potential_scale)
     reward = class_reward(setup.reward_net, classes)
     common = {"particles": particles, "batch": b, "steps": steps, "seed": seed,
               "device": setup.device, "progress": False}

@@ -5,7 +5,7 @@ API (stable)::
     from pathsmc.integrations.diffusers import DiffusersModel
     model = DiffusersModel(unet, scheduler, eta=1.0, class_labels=None,
                            encoder_hidden_states=None, chunk_size=256, decode=None,
-                           t_start=1.0, sample_shape=None)
+                           t_start=1.0, potential_scale=None, sample_shape=None)
     null = model.with_condition(class_labels=null_labels)       # CFG's unconditional model
     res = pathsmc.steer(model, "reward", reward=r, particles=N, batch=B, steps=K, seed=0)
     res = pathsmc.steer([model, null], "product", beta=(w, 1 - w), particles=N, batch=B,
@@ -26,7 +26,8 @@ API (stable)::
   ``images`` is ``(B, n, ...)`` with n ≤ N particles per row (one chunk).
 - ``value(x, t) -> V or (V, ∇V)`` (twisted mode) sees the noisy states ``(B, n, C, H, W)``
   and ``t`` ∈ [0, 1] (timestep / num_train_timesteps; flow: σ; 0 at the end).
-- Potentials and guidance start at the first step whose noise level t ≤ ``t_start``.
+- Potentials and guidance start at the first step whose noise level t ≤ ``t_start``;
+  ``potential_scale(t)`` multiplies the intermediate potentials (the final one is exact).
 - Network calls, rewards and gradient guidance run in chunks of ``chunk_size`` particles.
 
 Weights use the chain's exact Gaussian kernels (see docs/diffusers.md): reward tilting and
@@ -67,6 +68,10 @@ class DiffusersModel:
             see decoded images.
         t_start: potentials and guidance apply from the first step with noise level
             t ≤ t_start (t ∈ [0, 1]); before it the chain runs unweighted (FK steering's start).
+        potential_scale: ``λ(t) -> float``: the intermediate potentials (and so the guidance)
+            use ``λ(t)·r(x̂₀)``; the final one is ``r(x)`` itself, so the increments still
+            telescope to ``r`` and the target and Z are unchanged. A λ rising to 1 (e.g. ᾱ_t)
+            tames the weights of a reward that is sharp on Tweedie's x̂₀ (docs/diffusers.md).
         sample_shape: ``(C, H, W)`` of a state (default from ``unet.config``).
         use_clipped_model_output: DDIM's option of the same name.
     """
@@ -84,6 +89,7 @@ class DiffusersModel:
         chunk_size: int = 256,
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         t_start: float = 1.0,
+        potential_scale: Callable[[float], float] | None = None,
         sample_shape: Sequence[int] | None = None,
         use_clipped_model_output: bool = False,
     ) -> None:
@@ -93,6 +99,8 @@ class DiffusersModel:
             raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
         if not 0.0 < float(t_start) <= 1.0:
             raise ValueError(f"t_start: expected 0 < t_start <= 1, got {t_start}")
+        if potential_scale is not None and not callable(potential_scale):
+            raise TypeError("potential_scale: expected a callable t -> float (or None)")
         if decode is not None and not callable(decode):
             raise TypeError("decode: expected a callable latents -> images")
         for name, c, dims in (("class_labels", class_labels, 1),
@@ -116,6 +124,7 @@ class DiffusersModel:
         self.chunk_size = int(chunk_size)
         self.decode = decode
         self.t_start = float(t_start)
+        self.potential_scale = potential_scale
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.use_clipped_model_output = bool(use_clipped_model_output)
         self._chains: dict[int, SchedulerChain] = {}
@@ -132,7 +141,8 @@ class DiffusersModel:
         return DiffusersModel(self.unet, self.scheduler, eta=self.eta, class_labels=class_labels,
                               encoder_hidden_states=encoder_hidden_states,
                               chunk_size=self.chunk_size, decode=self.decode,
-                              t_start=self.t_start, sample_shape=self.sample_shape,
+                              t_start=self.t_start, potential_scale=self.potential_scale,
+                              sample_shape=self.sample_shape,
                               use_clipped_model_output=self.use_clipped_model_output)
 
     def chain(self, steps: int) -> SchedulerChain:
@@ -180,6 +190,25 @@ class DiffusersModel:
         return mean + st.std * noise
 
 
+def _checked_scale(scale: Callable[[float], float] | None, chain: SchedulerChain
+                   ) -> list[float] | None:
+    """``potential_scale`` evaluated once per chain step (a user function checked up front)."""
+    if scale is None:
+        return None
+    vals = []
+    for st in chain.steps:
+        v = scale(st.frac)
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise TypeError(f"potential_scale: expected a float for t = {st.frac:.4g}, got "
+                            f"{type(v).__name__}") from None
+        if not math.isfinite(v):
+            raise ValueError(f"potential_scale: not finite ({v}) at t = {st.frac:.4g}")
+        vals.append(v)
+    return vals
+
+
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -221,6 +250,7 @@ class DiffusersSteeringModel:
         self.fwd_coef = 1.0 - sum(betas)
         self.shape = models[0].sample_shape
         self.t_start = models[0].t_start
+        self.potential_scale = _checked_scale(models[0].potential_scale, self.chain)
 
     def _active(self, k: int) -> bool:
         """Potentials / guidance at chain state k (k = num_steps: the final sample)."""
@@ -237,7 +267,11 @@ class DiffusersSteeringModel:
             b, n = img.shape[:2]
             d = dec(img.reshape(b * n, *img.shape[2:]))
             img = d.reshape(b, n, *d.shape[1:])
-        return self.reward(img)
+        r = self.reward(img)
+        if final or self.potential_scale is None:
+            return r
+        lam = self.potential_scale[k]
+        return tuple(lam * v for v in r) if isinstance(r, tuple) else lam * r
 
     def _evaluate(self, x: torch.Tensor, k: int):
         """(proposal mean, model means, potential) at chain state k, in particle chunks."""

@@ -112,6 +112,9 @@ class ChainCREPE(CREPE):
                                  "eta) and the sample shape of model[0]")
         if weighting != "path":
             raise ValueError("weighting: a diffusers chain has no exact log-density; use 'path'")
+        if first.potential_scale is not None:
+            raise ValueError("potential_scale: steer's FK potentials only; CREPE weights each "
+                             "level by the reward itself (build the model without it)")
         self.models = models
         self.chain = first.chain(int(steps))
         betas = model_exponents(beta, len(models))
