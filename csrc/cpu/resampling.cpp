@@ -378,10 +378,31 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
   return {out, logw_out, anc, mask};
 }
 
+// Gathers one row of P particles of `bytes` each in place: row[i] <- row[a[i]].
+// Non-decreasing ancestors (systematic, stratified, multinomial) need no scratch: copying the
+// particles with a[i] > i in increasing order, then those with a[i] < i in decreasing order,
+// reads every source before it is overwritten (for a[i] = j < i, a[j] <= j by monotonicity, so
+// j is never a target of the first pass). Other ancestors (residual) go through a copy of the
+// row. Only particles whose ancestor is not themselves are written.
+void gather_row_inplace(char* row, const int64_t* a, int64_t P, int64_t bytes, bool monotone) {
+  if (monotone) {
+    for (int64_t i = 0; i < P; ++i)
+      if (a[i] > i) std::memcpy(row + i * bytes, row + a[i] * bytes, bytes);
+    for (int64_t i = P - 1; i >= 0; --i)
+      if (a[i] < i) std::memcpy(row + i * bytes, row + a[i] * bytes, bytes);
+    return;
+  }
+  thread_local std::vector<char> scratch;
+  if (static_cast<int64_t>(scratch.size()) < P * bytes) scratch.resize(P * bytes);
+  std::memcpy(scratch.data(), row, P * bytes);
+  for (int64_t i = 0; i < P; ++i)
+    if (a[i] != i) std::memcpy(row + i * bytes, scratch.data() + a[i] * bytes, bytes);
+}
+
 // adaptive_resample_: the same decision, with each resampled row of every state gathered in
-// place through a scratch copy of that one row, so the extra memory is one row of one state
-// (not a second copy of every state, as with adaptive_resample: a KV cache is large).
-// Particles whose ancestor is themselves are not rewritten; rows kept are not touched.
+// place (gather_row_inplace): no second copy of the states, as with adaptive_resample (a KV
+// cache is large), and at most one row of scratch per thread. Rows run in parallel; rows kept
+// are not touched.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_resample_inplace_cpu(
     at::TensorList states, const at::Tensor& logw_in, double threshold,
     c10::string_view scheme_name, const std::optional<at::Tensor>& uniforms,
@@ -396,27 +417,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_resample_inplace_cpu(
                                                   generator);
   const int64_t* ap = anc.data_ptr<int64_t>();
   const bool* mp = mask.data_ptr<bool>();
-  int64_t max_row = 0;
-  for (const auto& s : states)
-    if (s.numel() > 0) max_row = std::max(max_row, s.numel() / B * s.element_size());
-  std::vector<char> scratch(static_cast<size_t>(max_row));
-  char* tmp = scratch.data();
+  std::vector<int64_t> rows;  // the resampled rows, and whether their ancestors are sorted
+  std::vector<char> sorted;
+  for (int64_t b = 0; b < B; ++b) {
+    if (!mp[b]) continue;
+    const int64_t* a = ap + b * N;
+    bool mono = true;
+    for (int64_t i = 1; i < N && mono; ++i) mono = a[i - 1] <= a[i];
+    rows.push_back(b);
+    sorted.push_back(mono);
+  }
+  const int64_t R = static_cast<int64_t>(rows.size());
   for (const auto& s : states) {
-    if (s.numel() == 0) continue;
+    if (s.numel() == 0 || R == 0) continue;
     const int64_t bytes = s.numel() / (B * N) * s.element_size();
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1));
-    for (int64_t b = 0; b < B; ++b) {
-      if (!mp[b]) continue;
-      char* row = static_cast<char*>(s.data_ptr()) + b * N * bytes;
-      const int64_t* a = ap + b * N;
-      parallel_for(0, N, grain, [=](int64_t i0, int64_t i1) {
-        std::memcpy(tmp + i0 * bytes, row + i0 * bytes, (i1 - i0) * bytes);
-      });
-      parallel_for(0, N, grain, [=](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i)
-          if (a[i] != i) std::memcpy(row + i * bytes, tmp + a[i] * bytes, bytes);
-      });
-    }
+    char* base = static_cast<char*>(s.data_ptr());
+    parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = rows[r];
+        gather_row_inplace(base + b * N * bytes, ap + b * N, N, bytes, sorted[r] != 0);
+      }
+    });
   }
   return {logw_out, anc, mask};
 }
