@@ -17,16 +17,19 @@ one row per class; the table gives the mean over replicates of Σ_k Ẑ_k with i
 
     nice -n 10 .venv/bin/python bench/class_sum.py [--digits 256,16] [--threads 1]
 
-Results: bench/results/class-sum-cpu.{json,md}.
+Results: bench/results/class-sum-cpu.{json,md} (rows of earlier runs that a run does not redo
+are kept, e.g. ``--no-exact --digits 256,16 --digits-scale-only`` adds the scaled digits rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 from machine import RESULTS, cpu_name, write_results  # bench/machine.py
@@ -119,6 +122,8 @@ def main() -> None:
     ap.add_argument("--digits", default="", help="N,runs for the digits model (slow)")
     ap.add_argument("--digits-scale", action="store_true",
                     help="digits: also with potential_scale λ(t) = ᾱ_t²")
+    ap.add_argument("--digits-scale-only", action="store_true",
+                    help="digits: only with potential_scale λ(t) = ᾱ_t²")
     ap.add_argument("--no-exact", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seeds", type=int, default=3)
@@ -140,11 +145,19 @@ def main() -> None:
                 print(row, flush=True)
     if a.digits:
         n, runs = (int(v) for v in a.digits.split(","))
-        for scaled in (False, True) if a.digits_scale else (False,):
+        scales = (True,) if a.digits_scale_only else (False, True) if a.digits_scale else (False,)
+        for scaled in scales:
             for m in ("fk-diff", "tds"):
                 row = digits_case(m, n, runs, seed=1, scaled=scaled)
                 rows.append(row)
                 print(row, flush=True)
+    old = Path(a.out_dir) / "class-sum-cpu.json"
+    if old.exists():  # rows of earlier runs that this one did not redo are kept
+        def key(r):
+            return (r["case"], r["method"], r["threshold"], r["particles"], r["replicates"],
+                    r["seed"])
+        have = {key(r) for r in rows}
+        rows = [r for r in json.loads(old.read_text())["rows"] if key(r) not in have] + rows
     meta = {"machine": cpu_name(), "threads": a.threads, "torch": torch.__version__,
             "pathsmc": pathsmc.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
