@@ -37,20 +37,7 @@ from machine import RESULTS, cpu_name, write_results  # bench/machine.py
 import pathsmc
 from pathsmc.diffusion import steer
 from pathsmc.integrations.diffusers import DiffusersModel
-
-
-class ExactGaussianEps(torch.nn.Module):
-    """E[ε | x_t] = √(1 − ᾱ_t) x_t: the exact ε-prediction for N(0, I) data."""
-
-    def __init__(self, scheduler) -> None:
-        super().__init__()
-        self.register_buffer("ac", scheduler.alphas_cumprod.clone())
-
-    def forward(self, sample, timestep, **kw):
-        from types import SimpleNamespace
-
-        ab = self.ac[int(timestep)].to(sample.dtype)
-        return SimpleNamespace(sample=torch.sqrt(1 - ab) * sample)
+from pathsmc.models.exact_gaussian import ExactGaussianEps
 
 
 def class_sums(log_z: torch.Tensor, reps: int, k: int) -> tuple[float, float, float]:

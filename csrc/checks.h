@@ -227,6 +227,15 @@ inline void check_states(at::TensorList states, int64_t rows, int64_t cols,
                 " on ", s.device());
 }
 
+// States gathered in place: (rows, cols, ...) on `device`, and contiguous.
+inline void check_inplace_states(at::TensorList states, int64_t rows, int64_t cols,
+                                 const at::Device& device, const char* op) {
+  check_states(states, rows, cols, device, op, "(B, N, ...)");
+  for (size_t i = 0; i < states.size(); ++i)
+    TORCH_CHECK(states[i].is_contiguous(), op, ": states[", i,
+                "] must be contiguous (it is gathered in place)");
+}
+
 // log_ratio (K-1, C) with K >= 2, and its optional uniforms, as float64.
 inline std::pair<at::Tensor, at::Tensor> check_replica_swap(
     const at::Tensor& log_ratio, const std::optional<at::Tensor>& uniforms) {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -209,16 +208,3 @@ def faulty_ops(**override):
     return SimpleNamespace(em_step=em_step, normalize=pathsmc.ops.normalize,
                            adaptive_resample=pathsmc.ops.adaptive_resample)
 
-
-class ExactGaussianEps(torch.nn.Module):
-    """A diffusers-style denoiser with the exact ε-prediction of N(0, I) data,
-    E[ε | x_t] = √(1 − ᾱ_t) x_t: with DDPM's fixed_large variance its chain is the exact time
-    reversal of the noising process (the samples are N(0, ᾱ₀ I))."""
-
-    def __init__(self, scheduler) -> None:
-        super().__init__()
-        self.register_buffer("ac", scheduler.alphas_cumprod.clone())
-
-    def forward(self, sample, timestep, **kw):
-        ab = self.ac[int(timestep)].to(sample.dtype)
-        return SimpleNamespace(sample=torch.sqrt(1 - ab) * sample)

@@ -10,10 +10,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import ExactGaussianEps  # noqa: E402
-
 from pathsmc.diffusion import steer, steering_model  # noqa: E402
 from pathsmc.integrations.diffusers import DiffusersModel  # noqa: E402
+from pathsmc.models.exact_gaussian import ExactGaussianEps  # noqa: E402
 
 STEPS = 10
 UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ExactGaussianEps
 
 diffusers = pytest.importorskip("diffusers")
 
 import pathsmc  # noqa: E402
 from pathsmc.crepe import crepe  # noqa: E402
 from pathsmc.integrations.diffusers import DiffusersModel  # noqa: E402
+from pathsmc.models.exact_gaussian import ExactGaussianEps  # noqa: E402
 
 SHAPE = (1, 2, 2)
 THETA = torch.tensor([0.5, -0.3, 0.2, 0.0], dtype=torch.float64)

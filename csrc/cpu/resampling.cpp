@@ -409,10 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_resample_inplace_cpu(
     const std::optional<at::Generator>& generator) {
   check_logw(logw_in, "adaptive_resample_");
   const int64_t B = logw_in.size(0), N = logw_in.size(1);
-  check_states(states, B, N, logw_in.device(), "adaptive_resample_", "(B, N, ...)");
-  for (size_t i = 0; i < states.size(); ++i)
-    TORCH_CHECK(states[i].is_contiguous(), "adaptive_resample_: states[", i,
-                "] must be contiguous (it is gathered in place)");
+  check_inplace_states(states, B, N, logw_in.device(), "adaptive_resample_");
   auto [logw_out, anc, mask] = adaptive_ancestors(logw_in, threshold, scheme_name, uniforms,
                                                   generator);
   const int64_t* ap = anc.data_ptr<int64_t>();

@@ -423,6 +423,20 @@ std::vector<at::Tensor> gather_particles(at::TensorList states, const at::Tensor
 
 namespace {
 
+// The decision of adaptive_resample(_): (logw_out, ancestors, resampled); resampled rows
+// restart from log Ẑ, others keep their weights.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_decision(
+    const at::Tensor& logw_in, double threshold, c10::string_view scheme_name,
+    const std::optional<at::Tensor>& uniforms, const std::optional<at::Generator>& generator) {
+  const Scheme scheme = check_scheme(scheme_name);
+  const at::Tensor logw = logw_in.contiguous();
+  at::Tensor row_buf, go;
+  at::Tensor anc = ancestors(logw, scheme, logw.size(1), uniforms, generator, threshold,
+                             row_buf, go);
+  const at::Tensor log_mean = row_buf[2].to(logw.scalar_type()).unsqueeze(1);
+  return {at::where(go.unsqueeze(1), log_mean, logw), anc, go};
+}
+
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive_resample_cuda(
     at::TensorList states, const at::Tensor& logw_in, double threshold,
     c10::string_view scheme_name, const std::optional<at::Tensor>& uniforms,
@@ -432,13 +446,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adaptive
   check_states(states, logw_in.size(0), N, logw_in.device(), "adaptive_resample",
                "(B, N, ...)");
   const c10::cuda::CUDAGuard guard(logw_in.device());
-  const Scheme scheme = check_scheme(scheme_name);
-  const at::Tensor logw = logw_in.contiguous();
-  at::Tensor row_buf, go;
-  at::Tensor anc = ancestors(logw, scheme, N, uniforms, generator, threshold, row_buf, go);
-  // Resampled rows restart from log Ẑ; others keep their weights.
-  const at::Tensor log_mean = row_buf[2].to(logw.scalar_type()).unsqueeze(1);
-  at::Tensor logw_out = at::where(go.unsqueeze(1), log_mean, logw);
+  auto [logw_out, anc, go] = adaptive_decision(logw_in, threshold, scheme_name, uniforms,
+                                               generator);
   return {gather_particles(states, anc, N, 0, false), logw_out, anc, go};
 }
 
@@ -450,18 +459,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_resample_inplace_cuda(
     const std::optional<at::Generator>& generator) {
   check_logw(logw_in, "adaptive_resample_");
   const int64_t N = logw_in.size(1);
-  check_states(states, logw_in.size(0), N, logw_in.device(), "adaptive_resample_",
-               "(B, N, ...)");
-  for (size_t i = 0; i < states.size(); ++i)
-    TORCH_CHECK(states[i].is_contiguous(), "adaptive_resample_: states[", i,
-                "] must be contiguous (it is gathered in place)");
+  check_inplace_states(states, logw_in.size(0), N, logw_in.device(), "adaptive_resample_");
   const c10::cuda::CUDAGuard guard(logw_in.device());
-  const Scheme scheme = check_scheme(scheme_name);
-  const at::Tensor logw = logw_in.contiguous();
-  at::Tensor row_buf, go;
-  at::Tensor anc = ancestors(logw, scheme, N, uniforms, generator, threshold, row_buf, go);
-  const at::Tensor log_mean = row_buf[2].to(logw.scalar_type()).unsqueeze(1);
-  at::Tensor logw_out = at::where(go.unsqueeze(1), log_mean, logw);
+  auto [logw_out, anc, go] = adaptive_decision(logw_in, threshold, scheme_name, uniforms,
+                                               generator);
   for (const auto& s : states) {
     if (s.numel() == 0) continue;
     at::Tensor gathered = gather_particles({s}, anc, N, 0, false)[0];

@@ -266,6 +266,35 @@ def resample(
     return anc[0] if logw.dim() == 1 else anc
 
 
+def _adaptive_args(states, logw, threshold, scheme, uniforms, *, in_place: bool = False):
+    """Checks of adaptive_resample(_): ``(threshold, states as (B, N, ...), logw (B, N),
+    uniforms, squeeze)``; ``in_place`` also asks for contiguous states without grad."""
+    threshold = float(threshold)
+    if not threshold >= 0:
+        raise ValueError(f"threshold: expected a float >= 0, got {threshold}")
+    if logw.dim() not in (1, 2):
+        raise ValueError(f"logw: expected shape (N,) or (B, N), got {tuple(logw.shape)}")
+    lw, u = _check_resample_args(logw, scheme, logw.shape[-1], uniforms)
+    b, n = lw.shape
+    squeeze = logw.dim() == 1
+    st = []
+    for i, s in enumerate(states):
+        check_tensor(s, f"states[{i}]", dtypes=None, device=logw.device)
+        if in_place and s.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"states[{i}]: requires grad; in-place resampling is not "
+                             "differentiable (use pathsmc.ops.adaptive_resample)")
+        if in_place and not s.is_contiguous():
+            raise ValueError(f"states[{i}]: must be contiguous to be gathered in place "
+                             f"(shape {tuple(s.shape)}, strides {s.stride()})")
+        s2 = s.unsqueeze(0) if squeeze else s
+        if s2.dim() < 2 or tuple(s2.shape[:2]) != (b, n):
+            want = f"({n}, ...)" if squeeze else f"({b}, {n}, ...)"
+            raise ValueError(f"states[{i}]: expected shape {want} to match logw, "
+                             f"got {tuple(s.shape)}")
+        st.append(s2)
+    return threshold, st, lw, u, squeeze
+
+
 def adaptive_resample(
     states: Sequence[torch.Tensor],
     logw: torch.Tensor,
@@ -283,23 +312,7 @@ def adaptive_resample(
 
     Returns ``(states_out, logw_out, ancestors (B, N) int64, resampled (B,) bool)``.
     """
-    threshold = float(threshold)
-    if not threshold >= 0:
-        raise ValueError(f"threshold: expected a float >= 0, got {threshold}")
-    if logw.dim() not in (1, 2):
-        raise ValueError(f"logw: expected shape (N,) or (B, N), got {tuple(logw.shape)}")
-    lw, u = _check_resample_args(logw, scheme, logw.shape[-1], uniforms)
-    b, n = lw.shape
-    squeeze = logw.dim() == 1
-    st = []
-    for i, s in enumerate(states):
-        check_tensor(s, f"states[{i}]", dtypes=None, device=logw.device)
-        s2 = s.unsqueeze(0) if squeeze else s
-        if s2.dim() < 2 or tuple(s2.shape[:2]) != (b, n):
-            want = f"({n}, ...)" if squeeze else f"({b}, {n}, ...)"
-            raise ValueError(f"states[{i}]: expected shape {want} to match logw, "
-                             f"got {tuple(s.shape)}")
-        st.append(s2)
+    threshold, st, lw, u, squeeze = _adaptive_args(states, logw, threshold, scheme, uniforms)
     out, lw_out, anc, mask = _ops.adaptive_resample(st, lw, threshold, scheme, u, generator)
     if squeeze:
         return [o[0] for o in out], lw_out[0], anc[0], mask[0]
@@ -325,29 +338,8 @@ def adaptive_resample_(
 
     Returns ``(logw_out, ancestors (B, N) int64, resampled (B,) bool)``.
     """
-    threshold = float(threshold)
-    if not threshold >= 0:
-        raise ValueError(f"threshold: expected a float >= 0, got {threshold}")
-    if logw.dim() not in (1, 2):
-        raise ValueError(f"logw: expected shape (N,) or (B, N), got {tuple(logw.shape)}")
-    lw, u = _check_resample_args(logw, scheme, logw.shape[-1], uniforms)
-    b, n = lw.shape
-    squeeze = logw.dim() == 1
-    st = []
-    for i, s in enumerate(states):
-        check_tensor(s, f"states[{i}]", dtypes=None, device=logw.device)
-        if s.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"states[{i}]: requires grad; in-place resampling is not "
-                             "differentiable (use pathsmc.ops.adaptive_resample)")
-        if not s.is_contiguous():
-            raise ValueError(f"states[{i}]: must be contiguous to be gathered in place "
-                             f"(shape {tuple(s.shape)}, strides {s.stride()})")
-        s2 = s.unsqueeze(0) if squeeze else s
-        if s2.dim() < 2 or tuple(s2.shape[:2]) != (b, n):
-            want = f"({n}, ...)" if squeeze else f"({b}, {n}, ...)"
-            raise ValueError(f"states[{i}]: expected shape {want} to match logw, "
-                             f"got {tuple(s.shape)}")
-        st.append(s2)
+    threshold, st, lw, u, squeeze = _adaptive_args(states, logw, threshold, scheme, uniforms,
+                                                   in_place=True)
     lw_out, anc, mask = _ops.adaptive_resample_(st, lw, threshold, scheme, u, generator)
     if squeeze:
         return lw_out[0], anc[0], mask[0]
