@@ -15,6 +15,8 @@ function serves the diffusion chains of :mod:`pathsmc.diffusion` and the token m
   the per-step log-ratios ``log p_ref − log q_θ`` with gradients;
 - :mod:`.chain_paths`: the same for a diffusers chain (:class:`ChainValue`, paths, log-ratios,
   :func:`train_chain_twist`);
+- :mod:`.noisy_classifier`: the soft values of a classifier reward, learned for every class at
+  once as a classifier of noisy states (soft-label regression on plain-chain paths);
 - :mod:`.replay`: a replay buffer of detached paths; :mod:`.train`: training loops.
 """
 
@@ -23,6 +25,7 @@ from pathsmc.learn.chain_paths import (
     ChainValue,
     chain_log_ratios,
     chain_loss,
+    chain_states,
     sample_chain_paths,
     train_chain_twist,
 )
@@ -35,6 +38,12 @@ from pathsmc.learn.diffusion_paths import (
 )
 from pathsmc.learn.elbo import elbo_loss
 from pathsmc.learn.log_variance import log_variance_loss, path_log_weights
+from pathsmc.learn.noisy_classifier import (
+    FitHistory,
+    NoisyClassifier,
+    soft_label_loss,
+    train_noisy_classifier,
+)
 from pathsmc.learn.path_consistency import consistency_residuals, path_consistency_loss
 from pathsmc.learn.replay import ReplayBuffer
 from pathsmc.learn.token_paths import TokenPaths, sample_token_paths, token_log_ratios
@@ -45,12 +54,15 @@ __all__ = [
     "ChainPaths",
     "ChainValue",
     "DiffusionPaths",
+    "FitHistory",
+    "NoisyClassifier",
     "ReplayBuffer",
     "TokenPaths",
     "TokenValue",
     "ValueNetwork",
     "chain_log_ratios",
     "chain_loss",
+    "chain_states",
     "consistency_residuals",
     "contrastive_twist_loss",
     "diffusion_log_ratios",
@@ -60,10 +72,12 @@ __all__ = [
     "path_log_weights",
     "reparameterized_log_weights",
     "sample_chain_paths",
+    "soft_label_loss",
     "sample_diffusion_paths",
     "sample_token_paths",
     "token_log_ratios",
     "train_chain_twist",
     "train_diffusion_twist",
+    "train_noisy_classifier",
     "train_token_twist",
 ]

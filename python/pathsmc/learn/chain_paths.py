@@ -25,8 +25,8 @@ from torch import nn
 import pathsmc.ops as fused_ops
 from pathsmc.learn.path_consistency import path_consistency_loss
 
-__all__ = ["ChainPaths", "ChainValue", "chain_log_ratios", "chain_loss", "sample_chain_paths",
-           "train_chain_twist", "tweedie_base"]
+__all__ = ["ChainPaths", "ChainValue", "chain_log_ratios", "chain_loss", "chain_states",
+           "sample_chain_paths", "train_chain_twist", "tweedie_base"]
 
 
 def tweedie_base(model, steps: int, reward: Callable[[torch.Tensor], torch.Tensor]
@@ -180,6 +180,32 @@ def sample_chain_paths(model, steps: int, reward: Callable[[torch.Tensor], torch
     bases.append(reward(x).double())
     return ChainPaths(torch.stack(xs, 2), torch.stack(means, 2), torch.stack(bases, -1),
                       torch.stack(grads, 2), times, [st.std for st in chain.steps])
+
+
+@torch.no_grad()
+def chain_states(model, steps: int, *, paths: int, chunk: int = 1024,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[float]]:
+    """``paths`` independent paths of the plain chain (no guidance, no rewards): states
+    ``(paths, K+1, C, H, W)`` and their noise levels ``[t_0, …, t_{K-1}, 0]`` (the sample's is
+    0), ``chunk`` paths per network call. ``model.class_labels``, if set, must have one row."""
+    if int(paths) < 1:
+        raise ValueError(f"paths: expected a positive integer, got {paths}")
+    chain = model.chain(steps)
+    out = []
+    for i in range(0, int(paths), int(chunk)):
+        n = min(int(chunk), int(paths) - i)
+        x = torch.randn(1, n, *model.sample_shape, generator=generator)
+        x = x * float(getattr(chain.scheduler, "init_noise_sigma", 1.0))
+        xs = [x]
+        for k in range(chain.num_steps):
+            st = chain.steps[k]
+            x0, eps = chain.denoise(k, x, model.predict(x, k, chain))
+            x = chain.mean(k, x, x0, eps)
+            if st.std > 0.0:
+                x = x + st.std * torch.randn(x.shape, generator=generator)
+            xs.append(x)
+        out.append(torch.stack(xs, 2)[0])
+    return torch.cat(out), [st.frac for st in chain.steps] + [0.0]
 
 
 def chain_log_ratios(net: ChainValue, paths: ChainPaths, *, guidance: float = 1.0,

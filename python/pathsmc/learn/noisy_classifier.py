@@ -1,0 +1,184 @@
+"""Soft values of a classifier reward, learned as a classifier of noisy states.
+
+For the reward ``r_k(x) = log p(k | x)`` of a classifier and the plain chain ``p``, the soft value
+is ``V_t^k(x) = log E_p[p(k | X_K) | X_t = x]``: the log of a noisy classifier. The soft labels
+``p(· | X_K)`` of the chain's own samples are unbiased for ``exp V_t(X_t)``, so the expected
+cross-entropy ``E_p[−Σ_k p(k | X_K) log q_θ(k | X_t, t)]`` is minimal exactly at
+``q_θ(· | x, t) = exp V_t(x)`` (cross-entropy is a proper scoring rule): plain regression on
+detached paths of the unguided chain, with no weights and no log Z, learns the twists of every
+class at once. This is the Monte Carlo regression of soft values (the blog's conditional
+expectation ``exp V_t = E[exp r | x_t]``, eq. 7) for the special case of class rewards, and the
+noisy classifier of classifier guidance (Dhariwal & Nichol, 2021) trained on the model's samples
+with the clean classifier's soft labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["FitHistory", "NoisyClassifier", "soft_label_loss", "train_noisy_classifier"]
+
+
+def soft_label_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy ``−Σ_k targets_k · log_probs_k`` over the leading dims; both
+    ``(..., K)``. Minimal in ``log_probs`` at ``log E[targets | inputs]``."""
+    if log_probs.shape != targets.shape:
+        raise ValueError(f"targets: expected shape {tuple(log_probs.shape)}, got "
+                         f"{tuple(targets.shape)}")
+    return -(targets.to(log_probs.dtype) * log_probs).sum(-1).mean()
+
+
+class NoisyClassifier(nn.Module):
+    """``log q_θ(k | x, t)``: an MLP on the flattened state and Fourier features of ``t``.
+
+    Args:
+        dim: the flattened state size (64 for the 8×8 digits).
+        classes: the number of classes K.
+        hidden: hidden width; ``layers`` hidden layers (SiLU).
+        frequencies: Fourier features ``sin/cos(2^j π t)``, ``j < frequencies``, of the noise
+            level ``t ∈ [0, 1]`` (``SchedulerChain`` steps' ``frac``; 0 at the sample).
+    """
+
+    def __init__(self, dim: int, classes: int, hidden: int = 256, layers: int = 3,
+                 frequencies: int = 6) -> None:
+        super().__init__()
+        if min(int(dim), int(classes), int(hidden), int(layers)) < 1 or int(classes) < 2:
+            raise ValueError(f"dim, classes, hidden, layers: expected positive integers "
+                             f"(classes >= 2), got {dim}, {classes}, {hidden}, {layers}")
+        self.dim, self.classes = int(dim), int(classes)
+        self.register_buffer("freq", math.pi * 2.0 ** torch.arange(int(frequencies)))
+        width = self.dim + 1 + 2 * int(frequencies)
+        mods: list[nn.Module] = []
+        for _ in range(int(layers)):
+            mods += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        mods.append(nn.Linear(width, self.classes))
+        self.mlp = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """``log q_θ(· | x, t)`` ``(..., K)`` for states ``(..., C, H, W)`` flattening to
+        ``dim`` values and ``t`` a float or a tensor broadcastable to the leading shape."""
+        lead = x.shape[:-3]
+        flat = x.reshape(*lead, -1).float()
+        if flat.shape[-1] != self.dim:
+            raise ValueError(f"x: expected states of {self.dim} values, got {tuple(x.shape)}")
+        tt = torch.as_tensor(t, dtype=flat.dtype, device=flat.device).expand(lead)[..., None]
+        ang = tt * self.freq
+        feats = torch.cat([flat, tt, ang.sin(), ang.cos()], -1)
+        return torch.log_softmax(self.mlp(feats), -1)
+
+    def twist(self, classes: torch.Tensor
+              ) -> Callable[[torch.Tensor, float], torch.Tensor]:
+        """``value(x (B, n, C, H, W), t) -> log q_θ(k_b | x, t)`` ``(B, n)`` for row classes
+        ``classes (B,)``: the ``value=`` of ``steer(model, "twisted", reward=...)`` (differentiable
+        in ``x``; ``steer`` takes ``∇V`` by autograd)."""
+        classes = torch.as_tensor(classes, dtype=torch.long)
+        if classes.dim() != 1 or bool(((classes < 0) | (classes >= self.classes)).any()):
+            raise ValueError(f"classes: expected a 1-D tensor of labels in [0, {self.classes}),"
+                             f" got {classes.tolist()}")
+
+        def value(x: torch.Tensor, t: float) -> torch.Tensor:
+            if x.shape[0] != classes.shape[0]:
+                raise ValueError(f"classes: {classes.shape[0]} rows, but the states have "
+                                 f"{x.shape[0]}")
+            lp = self(x, float(t))
+            idx = classes.to(lp.device).view(-1, 1, 1).expand(*lp.shape[:2], 1)
+            return lp.gather(-1, idx)[..., 0].double()
+
+        return value
+
+
+@dataclass
+class FitHistory:
+    """Mean loss per epoch on the training paths and (if given) the held-out paths; the
+    returned network holds the parameters of ``best_epoch`` (lowest held-out loss, else the
+    last epoch)."""
+
+    train: list[float] = field(default_factory=list)
+    valid: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+
+
+def _pairs(states: torch.Tensor, times: Sequence[float], targets: torch.Tensor, classes: int,
+           name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(states, times, soft labels) flattened to one row per (path, noise level)."""
+    if states.dim() < 3:
+        raise ValueError(f"{name}: expected states (M, T, ...), got {tuple(states.shape)}")
+    m, t_n = states.shape[:2]
+    if len(times) != t_n:
+        raise ValueError(f"times: expected {t_n} noise levels for {name}, got {len(times)}")
+    if targets.shape != (m, classes):
+        raise ValueError(f"{name}: expected soft labels ({m}, {classes}), got "
+                         f"{tuple(targets.shape)}")
+    if not bool(torch.isfinite(states).all()) or not bool(torch.isfinite(targets).all()):
+        raise ValueError(f"{name}: states and soft labels must be finite")
+    x = states.reshape(m * t_n, *states.shape[2:])
+    tt = torch.as_tensor(list(times), dtype=torch.float32).repeat(m)
+    return x, tt, targets.repeat_interleave(t_n, 0)
+
+
+def train_noisy_classifier(net: NoisyClassifier, states: torch.Tensor, times: Sequence[float],
+                           targets: torch.Tensor, *, epochs: int = 5, batch_size: int = 512,
+                           lr: float = 2e-3, weight_decay: float = 0.0,
+                           validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           seed: int = 0, log: Callable[[str], None] | None = None
+                           ) -> FitHistory:
+    """Fit ``net`` by :func:`soft_label_loss` on chain paths: ``states (M, T, C, H, W)`` at
+    noise levels ``times (T,)``; every state of a path shares its soft label ``targets (M, K)``
+    (e.g. ``classifier(X_K).exp()``). AdamW (decoupled ``weight_decay``) with cosine decay over
+    ``epochs`` passes of shuffled (state, t) pairs.
+
+    ``validation = (states, targets)`` of held-out paths (same ``times``): evaluated after each
+    epoch, and the parameters of the best epoch are kept. At high noise the soft value is
+    nearly constant while each path's label is a single draw, so a large network memorizes the
+    labels after a few epochs: keep epochs few or hold paths out."""
+    x, tt, y = _pairs(states, times, targets, net.classes, "states/targets")
+    valid = None if validation is None else _pairs(*validation[:1], times, validation[1],
+                                                   net.classes, "validation")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, max(1, int(epochs) * math.ceil(x.shape[0] / batch_size)))
+    hist = FitHistory()
+    best: dict[str, torch.Tensor] | None = None
+    t0 = time.perf_counter()
+    for ep in range(int(epochs)):
+        perm = torch.randperm(x.shape[0], generator=gen)
+        total = 0.0
+        for i in range(0, x.shape[0], batch_size):
+            idx = perm[i:i + batch_size]
+            opt.zero_grad()
+            loss = soft_label_loss(net(x[idx], tt[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * idx.numel()
+        hist.train.append(total / x.shape[0])
+        msg = f"epoch {ep:3d}  t={time.perf_counter() - t0:6.1f}s  loss={hist.train[-1]:.4f}"
+        if valid is not None:
+            with torch.no_grad():
+                vx, vt, vy = valid
+                v = sum(float(soft_label_loss(net(vx[i:i + 8192], vt[i:i + 8192]),
+                                              vy[i:i + 8192])) * vx[i:i + 8192].shape[0]
+                        for i in range(0, vx.shape[0], 8192)) / vx.shape[0]
+            hist.valid.append(v)
+            msg += f"  held-out={v:.4f}"
+            if v <= min(hist.valid):
+                best = copy.deepcopy(net.state_dict())
+                hist.best_epoch = ep
+        if log is not None:
+            log(msg)
+        if not math.isfinite(hist.train[-1]):
+            raise FloatingPointError(f"loss: not finite at epoch {ep}")
+    if best is not None:
+        net.load_state_dict(best)
+    else:
+        hist.best_epoch = int(epochs) - 1
+    return hist
