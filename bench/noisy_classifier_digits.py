@@ -39,7 +39,14 @@ from pathsmc.diffusion import steer
 from pathsmc.integrations.diffusers import DiffusersModel
 from pathsmc.learn.chain_paths import chain_states
 from pathsmc.learn.noisy_classifier import NoisyClassifier, train_noisy_classifier
-from pathsmc.models.digits import NULL_CLASS, NUM_CLASSES, load_digits_model, load_reward_classifier
+from pathsmc.models.digits import (
+    NULL_CLASS,
+    NUM_CLASSES,
+    load_digits_model,
+    load_noisy_classifier,
+    load_reward_classifier,
+    training_info,
+)
 
 METHODS = ("fk", "tds", "learned", "fk-t0.3", "tds-t0.3", "learned-t0.3")
 
@@ -98,13 +105,17 @@ def run(method: str, unet, sched, reward_net, net: NoisyClassifier, a,
 
 def markdown(data: dict) -> list[str]:
     c, f = data["config"], data["fit"]
+    what = (f"the shipped one (`load_noisy_classifier`, {f['params']} parameters, fit by "
+            f"tools/train_digits.py on {f['paths']} paths of the {f['chain_steps']}-step chain)"
+            if f.get("shipped") else
+            f"NoisyClassifier ({c['hidden']}×{c['layers']}, {f['params']} parameters) fit on "
+            f"{c['paths']} plain-chain paths of this chain")
     lines = [f"# Noisy-classifier twist vs Tweedie twist on the digits DDPM ({data['device']})",
              "", f"All 10 classes × {c['runs']} replicates, N = {c['particles']}, {c['steps']} "
-             f"steps, seed {c['seed']}. Twist: NoisyClassifier ({c['hidden']}×{c['layers']}, "
-             f"{f['params']} parameters) fit on {c['paths']} plain-chain paths "
+             f"steps, seed {c['seed']}. Twist: {what} "
              f"({f['sample_seconds']:.0f} s to sample) for {len(f['train_loss'])} epochs "
              f"({f['fit_seconds']:.0f} s), kept epoch {f['best_epoch']} (held-out cross-entropy "
-             + ", ".join(f"{v:.3f}" for v in f["held_out_loss"]) + f" on {c['held_out']} paths).",
+             + ", ".join(f"{v:.3f}" for v in f["held_out_loss"]) + ").",
              "", "| method | final ESS | min ESS | log Ẑ spread | mean z vs plain | Σ_k Ẑ_k ± SE "
              "| time s |", "|---|---|---|---|---|---|---|"]
     for r in data["methods"]:
@@ -135,6 +146,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--stem", default="noisy-classifier-digits-cpu")
+    ap.add_argument("--shipped", action="store_true",
+                    help="use the shipped twist (load_noisy_classifier) instead of fitting one")
     a = ap.parse_args()
     methods = a.methods.split(",")
     if unknown := set(methods) - set(METHODS):
@@ -142,7 +155,16 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     unet, sched = load_digits_model()
     reward_net = load_reward_classifier()
-    net, fitted = fit(unet, sched, reward_net, a)
+    if a.shipped:
+        net = load_noisy_classifier()
+        info = training_info()["noisy_classifier"]
+        fitted = {"shipped": True, "sample_seconds": info["sample_seconds"],
+                  "fit_seconds": info["fit_seconds"], "train_loss": info["train_loss"],
+                  "held_out_loss": info["held_out_loss"], "best_epoch": info["best_epoch"],
+                  "params": sum(p.numel() for p in net.parameters()),
+                  "paths": info["paths"], "chain_steps": info["chain_steps"]}
+    else:
+        net, fitted = fit(unet, sched, reward_net, a)
     g = torch.Generator().manual_seed(a.seed + 100)
     xs = plain_samples(unet, sched, torch.full((a.plain,), NULL_CLASS), a.steps, generator=g)
     est, est_se = independent_log_z(reward_net, xs)

@@ -1,4 +1,5 @@
-"""Train the shipped digits models: the class-conditional DDPM and the two classifiers.
+"""Train the shipped digits models: the class-conditional DDPM, the two classifiers and the
+learned twist.
 
     nice -n 10 .venv/bin/python tools/train_digits.py --steps 16000 --threads 1
 
@@ -10,6 +11,10 @@ writes into ``python/pathsmc/models/weights/``:
 - ``digits_reward_cnn.safetensors``: the reward CNN (trained on the train split).
 - ``digits_judge_logreg.safetensors``: the judge, scikit-learn logistic regression on pixels
   (coefficients only; no pickle).
+- ``digits_noisy_classifier.safetensors``: a learned twist for the class rewards, the
+  :class:`~pathsmc.learn.NoisyClassifier` ``log q_θ(k | x_t, t) ≈ log E[p₁(k | X₀) | x_t]`` fit
+  by soft-label regression on paths of the shipped UNet's unconditional ``--noisy-steps`` chain
+  labelled by the reward CNN (``--noisy-only`` retrains just this one).
 - ``digits_training.json``: steps, wall time, final loss, held-out accuracies.
 """
 
@@ -113,6 +118,38 @@ def train_unet(steps: int, batch: int, lr: float, p_uncond: float, seed: int):
     return ema.eval(), history[-1][1] if history else float("nan"), history
 
 
+def train_noisy(paths: int, held_out: int, steps: int, epochs: int, seed: int, out: Path):
+    """The noisy classifier on the chain of the UNet and reward CNN found in ``out``."""
+    from pathsmc.integrations.diffusers import DiffusersModel
+    from pathsmc.learn import NoisyClassifier, chain_states, train_noisy_classifier
+
+    config = json.loads((out / digits.UNET_CONFIG_FILE).read_text())
+    unet = build_unet(config["unet"])
+    unet.load_state_dict(digits._load(digits.UNET_FILE, out))
+    unet.eval().requires_grad_(False)
+    reward = DigitCNN()
+    reward.load_state_dict(digits._load(digits.REWARD_FILE, out))
+    reward.eval().requires_grad_(False)
+    model = DiffusersModel(unet, build_scheduler(config["scheduler"]),
+                           class_labels=torch.tensor([NULL_CLASS]))
+    t0 = time.perf_counter()
+    xs, times = chain_states(model, steps, paths=paths + held_out,
+                             generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        labels = reward(xs[:, -1]).exp()
+    sample_s = time.perf_counter() - t0
+    torch.manual_seed(seed)
+    net = NoisyClassifier(xs[0, 0].numel(), digits.NUM_CLASSES, **digits.NOISY_ARCH)
+    hist = train_noisy_classifier(net, xs[:paths], times, labels[:paths], epochs=epochs,
+                                  validation=(xs[paths:], labels[paths:]), seed=seed,
+                                  log=lambda m: print(m, flush=True))
+    info = {"paths": paths, "held_out": held_out, "chain_steps": steps, "epochs": epochs,
+            "best_epoch": hist.best_epoch, "train_loss": hist.train,
+            "held_out_loss": hist.valid, "sample_seconds": sample_s,
+            "fit_seconds": time.perf_counter() - t0 - sample_s, "arch": digits.NOISY_ARCH}
+    return net.eval(), info
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=16000, help="UNet optimiser steps")
@@ -123,6 +160,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-unet", action="store_true", help="only (re)train the classifiers")
+    p.add_argument("--noisy-paths", type=int, default=32768,
+                   help="plain-chain paths for the noisy classifier (+ 2048 held out)")
+    p.add_argument("--noisy-steps", type=int, default=50, help="chain steps of those paths")
+    p.add_argument("--noisy-epochs", type=int, default=1,
+                   help="more overfits: each path carries one draw of its label")
+    p.add_argument("--noisy-only", action="store_true",
+                   help="only (re)train the noisy classifier, on the models in --out")
     p.add_argument("--out", type=Path, default=digits.WEIGHTS_DIR)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -132,20 +176,25 @@ def main() -> None:
     info_path = a.out / digits.INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
 
+    if a.noisy_only:
+        a.skip_unet = True
     t0 = time.perf_counter()
-    reward, reward_acc = train_reward(a.classifier_steps, a.seed)
-    judge, judge_acc = train_judge()
-    save_file({k: v.contiguous() for k, v in reward.state_dict().items()},
-              a.out / digits.REWARD_FILE)
-    save_file({"coef": judge.coef.contiguous(), "intercept": judge.intercept.contiguous()},
-              a.out / digits.JUDGE_FILE)
-    info["classifiers"] = {
-        "reward_cnn_test_accuracy": reward_acc,
-        "judge_logreg_test_accuracy": judge_acc,
-        "test_images": len(digits.digits_data("test")[1]),
-        "seconds": time.perf_counter() - t0,
-    }
-    print(f"reward CNN held-out accuracy {reward_acc:.4f}; judge {judge_acc:.4f}", flush=True)
+    reward, reward_acc = (None, None) if a.noisy_only else train_reward(a.classifier_steps,
+                                                                       a.seed)
+    if not a.noisy_only:
+        judge, judge_acc = train_judge()
+        save_file({k: v.contiguous() for k, v in reward.state_dict().items()},
+                  a.out / digits.REWARD_FILE)
+        save_file({"coef": judge.coef.contiguous(), "intercept": judge.intercept.contiguous()},
+                  a.out / digits.JUDGE_FILE)
+        info["classifiers"] = {
+            "reward_cnn_test_accuracy": reward_acc,
+            "judge_logreg_test_accuracy": judge_acc,
+            "test_images": len(digits.digits_data("test")[1]),
+            "seconds": time.perf_counter() - t0,
+        }
+        print(f"reward CNN held-out accuracy {reward_acc:.4f}; judge {judge_acc:.4f}",
+              flush=True)
 
     if not a.skip_unet:
         t0 = time.perf_counter()
@@ -161,6 +210,12 @@ def main() -> None:
                         "threads": a.threads, "seconds": seconds,
                         "final_loss_last_250_steps": final_loss, "loss_history": history}
         print(f"UNet: {a.steps} steps in {seconds:.0f} s, final loss {final_loss:.4f}")
+    noisy, info["noisy_classifier"] = train_noisy(a.noisy_paths, 2048, a.noisy_steps,
+                                                  a.noisy_epochs, a.seed, a.out)
+    save_file({k: v.contiguous() for k, v in noisy.state_dict().items()},
+              a.out / digits.NOISY_FILE)
+    print(f"noisy classifier: held-out cross-entropy "
+          f"{min(info['noisy_classifier']['held_out_loss']):.4f}")
     info_path.write_text(json.dumps(info, indent=1) + "\n")
 
 

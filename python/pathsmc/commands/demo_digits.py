@@ -10,6 +10,10 @@ Row b of a batch asks for class ``k_b = b mod 10`` (``runs`` replicate rows per 
   ``"max"`` (FK steering's heuristic);
 - ``tds``: twisted SMC (TDS): the same twist with classifier guidance ∇ log p₁(k | x̂₀) in the
   proposal and the exact weights (same target and Z as ``fk-diff``);
+- ``learned``: twisted SMC with the shipped learned twist, a noisy classifier
+  ``log q_θ(k | x_t, t) ≈ log E[p₁(k | X₀) | x_t]`` (the soft value itself, fit by
+  ``tools/train_digits.py``; :mod:`pathsmc.learn.noisy_classifier`) and its gradient as guidance,
+  from the first step whatever ``t_start`` (it is informative at high noise, where x̂₀ is not);
 - ``cfg-rnd``: classifier-free guidance w = 3 (product mode, β = (w, 1 − w) over the
   conditional and null models) corrected by the path RND;
 - ``cfg``: the plain CFG sampler (no weights);
@@ -17,8 +21,8 @@ Row b of a batch asks for class ``k_b = b mod 10`` (``runs`` replicate rows per 
 - ``cond``: the conditional model itself (w = 1), from diffusers' own sampling loop.
 
 The independent check: ``log E[p₁(k | X₀)]`` from plain unconditional samples of the same
-chain (diffusers' own loop, :func:`plain_samples`) must agree with log Ẑ of ``fk-diff`` and
-``tds`` within Monte Carlo error.
+chain (diffusers' own loop, :func:`plain_samples`) must agree with log Ẑ of ``fk-diff``,
+``tds`` and ``learned`` within Monte Carlo error.
 """
 
 from __future__ import annotations
@@ -51,11 +55,12 @@ __all__ = [
     "run_method",
 ]
 
-DIGITS_METHODS = ("fk-diff", "fk-max", "tds", "cfg-rnd", "cfg", "guided", "cond")
+DIGITS_METHODS = ("fk-diff", "fk-max", "tds", "learned", "cfg-rnd", "cfg", "guided", "cond")
 _DESCRIPTIONS = {
     "fk-diff": "(a) FK steering, r = log p₁(k|x̂₀), potential difference",
     "fk-max": "(a) FK steering, r = log p₁(k|x̂₀), potential max",
     "tds": "(b) twisted SMC / TDS: twist log p₁(k|x̂₀) + classifier guidance",
+    "learned": "(b') twisted SMC, learned twist: noisy classifier log q(k|x_t, t), from t = 1",
     "cfg-rnd": "(c) CFG w = 3 corrected by the path RND (product mode)",
     "cfg": "(c) plain CFG w = 3 (no weights)",
     "guided": "(d) uncorrected classifier guidance (TDS's proposal, no weights)",
@@ -73,19 +78,23 @@ class DigitsSetup:
     reward_net: torch.nn.Module
     judge: torch.nn.Module
     device: torch.device
+    noisy: torch.nn.Module | None = None
 
 
 def load_setup(device: str | torch.device = "cpu") -> DigitsSetup:
-    """Load the shipped UNet + scheduler, the reward CNN and the judge (no download)."""
+    """Load the shipped UNet + scheduler, the reward CNN, the judge and the learned twist (no
+    download)."""
     from pathsmc.models.digits import (
         load_digits_model,
         load_judge_classifier,
+        load_noisy_classifier,
         load_reward_classifier,
     )
 
     unet, scheduler = load_digits_model(device)
     return DigitsSetup(unet, scheduler, load_reward_classifier(device),
-                       load_judge_classifier(device), torch.device(device))
+                       load_judge_classifier(device), torch.device(device),
+                       load_noisy_classifier(device))
 
 
 def row_classes(runs: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -229,6 +238,13 @@ def run_method(setup: DigitsSetup, method: str, *, particles: int, runs: int = 1
                         potential="difference" if method == "fk-diff" else "max", **common)
         elif method == "tds":
             res = steer(uncond, "reward", reward=reward, guidance=guidance, **common)
+        elif method == "learned":
+            if setup.noisy is None:
+                raise ValueError("method 'learned': this DigitsSetup has no noisy classifier "
+                                 "(load_setup loads the shipped one)")
+            first, _ = _models(setup, classes, chunk_size, 1.0, potential_scale)
+            res = steer(first, "twisted", value=setup.noisy.twist(classes), reward=reward,
+                        guidance=guidance, **common)
         elif method == "guided":
             res = steer(uncond, "uncorrected", reward=reward, guidance=guidance, **common)
         else:
@@ -426,7 +442,7 @@ def _run(*, particles, steps, runs, seed, device, out, plot, plain, methods, t_s
         f"{tab.plain_seconds:.1f} s.")
 
     ok = True
-    checked = [r for r in rows if r.method in ("fk-diff", "tds")]
+    checked = [r for r in rows if r.method in ("fk-diff", "tds", "learned")]
     if checked:
         log("")
         log("log Ẑ (mean of the replicate rows) against the independent estimate "

@@ -29,6 +29,7 @@ __all__ = [
     "digits_data",
     "load_digits_model",
     "load_judge_classifier",
+    "load_noisy_classifier",
     "load_reward_classifier",
     "training_info",
 ]
@@ -38,7 +39,9 @@ UNET_FILE = "digits_unet.safetensors"
 UNET_CONFIG_FILE = "digits_unet.json"
 REWARD_FILE = "digits_reward_cnn.safetensors"
 JUDGE_FILE = "digits_judge_logreg.safetensors"
+NOISY_FILE = "digits_noisy_classifier.safetensors"
 INFO_FILE = "digits_training.json"
+NOISY_ARCH = {"hidden": 256, "layers": 3, "frequencies": 6}
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
@@ -70,10 +73,10 @@ def digits_data(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
     return x[idx], y[idx]
 
 
-def _load(name: str) -> dict[str, torch.Tensor]:
+def _load(name: str, directory: Path = WEIGHTS_DIR) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    path = WEIGHTS_DIR / name
+    path = Path(directory) / name
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run tools/train_digits.py to produce it")
     return load_file(str(path))
@@ -105,6 +108,19 @@ def load_judge_classifier(device: str | torch.device = "cpu") -> LinearJudge:
     """The judge: logistic regression on pixels (trained by scikit-learn), log p₂(k | x)."""
     w = _load(JUDGE_FILE)
     return LinearJudge(w["coef"], w["intercept"]).eval().requires_grad_(False).to(device)
+
+
+def load_noisy_classifier(device: str | torch.device = "cpu") -> Any:
+    """The learned twist for the class rewards: a :class:`~pathsmc.learn.NoisyClassifier`,
+    ``log q_θ(k | x_t, t) ≈ log E[p₁(k | X₀) | x_t]`` under the unconditional chain (the soft
+    value of ``r_k = log p₁(k | x)``); ``net.twist(classes)`` is a ``value`` for
+    ``steer(mode="twisted")``. Fit on 50-step chain paths; ``t`` is continuous, so it serves
+    other step counts too."""
+    from pathsmc.learn.noisy_classifier import NoisyClassifier
+
+    net = NoisyClassifier(64, NUM_CLASSES, **NOISY_ARCH)
+    net.load_state_dict(_load(NOISY_FILE))
+    return net.eval().requires_grad_(False).to(device)
 
 
 def training_info() -> dict[str, Any]:
