@@ -100,7 +100,41 @@ def run(method: str, unet, sched, reward_net, net: NoisyClassifier, a,
             "mean_z_score": float(z.mean()), "z_scores": [float(v) for v in z],
             "class_sum": float(total.mean()),
             "class_sum_se": float(total.std()) / math.sqrt(a.runs),
+            "ess_by_step": [float(v) for v in res.ess.double().mean(1) / a.particles],
             "log_z_rows": [float(v) for v in lz.flatten()]}
+
+
+def plot(data: dict, path) -> None:
+    """Two panels: mean ESS/N along the chain per method, and per class the error of log Ẑ
+    against plain sampling (each replicate a dot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    est = torch.tensor(data["plain"]["log_z"])
+    for i, r in enumerate(data["methods"]):
+        style = "-" if "t0.3" not in r["method"] else "--"
+        ax1.plot(r["ess_by_step"], style, label=r["method"], color=f"C{i % 3}")
+        err = torch.tensor(r["log_z_rows"]).reshape(-1, NUM_CLASSES) - est
+        xs = torch.arange(NUM_CLASSES) + (i - len(data["methods"]) / 2) * 0.12
+        ax2.plot(xs.expand_as(err).flatten(), err.flatten().clamp(min=-6), ".", ms=3,
+                 color=f"C{i % 3}", alpha=0.35 if "t0.3" in r["method"] else 0.8,
+                 label=r["method"])
+    ax1.set(xlabel="chain step", ylabel="ESS / N (mean over rows)", ylim=(0, 1.02),
+            title="ESS along the chain")
+    ax1.legend(fontsize=8)
+    ax2.axhline(0.0, color="k", lw=0.8)
+    ax2.set(xlabel="class k", ylabel="log Ẑ_k − log E[p₁(k | X)] (clipped at −6)",
+            xticks=range(NUM_CLASSES), title="log Ẑ per replicate against plain sampling")
+    c = data["config"]
+    fig.suptitle(f"digits DDPM, N = {c['particles']}, {c['steps']} steps, {c['runs']} "
+                 "replicates per class: learned noisy-classifier twist vs FK / Tweedie (TDS)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def markdown(data: dict) -> list[str]:
@@ -181,6 +215,11 @@ def main() -> None:
             "plain": {"samples": a.plain, "log_z": [float(v) for v in est],
                       "se": [float(v) for v in est_se], "log_z_mean": float(est.mean())}}
     path = write_results(RESULTS, a.stem, data, markdown(data))
+    try:
+        plot(data, f"{path}.png")
+        print(f"wrote {path}.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot")
     print("\n".join(markdown(data)))
     print(f"wrote {path}.{{json,md}}")
 

@@ -17,6 +17,7 @@ from pathsmc.diffusion import steer  # noqa: E402
 from pathsmc.integrations.diffusers import DiffusersModel  # noqa: E402
 from pathsmc.learn import (  # noqa: E402
     NoisyClassifier,
+    bounded_reward_labels,
     chain_states,
     soft_label_loss,
     train_noisy_classifier,
@@ -66,7 +67,11 @@ def probit():
 def paths(probit):
     xs, times = chain_states(probit.model, STEPS, paths=8192,
                              generator=torch.Generator().manual_seed(0))
-    return xs, times, probit.log_probs(xs[:, -1], STEPS).exp()
+    labels = probit.log_probs(xs[:, -1], STEPS).exp()
+    # the probit reward log Φ(a·x + b) <= 0 as a bounded scalar reward: the same labels
+    torch.testing.assert_close(bounded_reward_labels(probit.log_probs(xs[:, -1], STEPS)[:, 1]),
+                               labels, rtol=1e-12, atol=1e-12)
+    return xs, times, labels
 
 
 def test_chain_states_shapes_and_levels(probit, paths):
@@ -170,3 +175,10 @@ def test_bad_arguments_are_named():
         train_noisy_classifier(net, bad, [0.5] * 4, y)
     with pytest.raises(ValueError, match="targets: expected shape"):
         soft_label_loss(torch.zeros(2, 3), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="upper"):
+        bounded_reward_labels(torch.tensor([-1.0, 0.5]))
+    with pytest.raises(ValueError, match="finite"):
+        bounded_reward_labels(torch.tensor([-1.0, float("-inf")]))
+    lab = bounded_reward_labels(torch.tensor([2.0, 3.0]), upper=3.0)
+    torch.testing.assert_close(lab[:, 1], torch.tensor([math.exp(-1.0), 1.0],
+                                                        dtype=torch.float64))

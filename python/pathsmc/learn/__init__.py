@@ -41,6 +41,7 @@ from pathsmc.learn.log_variance import log_variance_loss, path_log_weights
 from pathsmc.learn.noisy_classifier import (
     FitHistory,
     NoisyClassifier,
+    bounded_reward_labels,
     soft_label_loss,
     train_noisy_classifier,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "TokenPaths",
     "TokenValue",
     "ValueNetwork",
+    "bounded_reward_labels",
     "chain_log_ratios",
     "chain_loss",
     "chain_states",

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["FitHistory", "NoisyClassifier", "soft_label_loss", "train_noisy_classifier"]
+__all__ = ["FitHistory", "NoisyClassifier", "bounded_reward_labels", "soft_label_loss",
+           "train_noisy_classifier"]
 
 
 def soft_label_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -33,6 +34,22 @@ def soft_label_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
         raise ValueError(f"targets: expected shape {tuple(log_probs.shape)}, got "
                          f"{tuple(targets.shape)}")
     return -(targets.to(log_probs.dtype) * log_probs).sum(-1).mean()
+
+
+def bounded_reward_labels(reward: torch.Tensor, upper: float = 0.0) -> torch.Tensor:
+    """Soft labels ``(1 − e^{r − upper}, e^{r − upper})`` ``(..., 2)`` for a scalar reward
+    bounded above, ``r ≤ upper``: the reward as the log-probability of a Bernoulli "success".
+    A two-class :class:`NoisyClassifier` fit to them learns ``V_t = log q_θ(1 | x_t, t) + upper``;
+    steer with ``net.twist(ones)`` (the constant ``upper`` cancels in the weights). The labels
+    carry little signal when ``r − upper`` is very negative on most paths (a sharp reward):
+    the regression then needs many paths."""
+    r = torch.as_tensor(reward, dtype=torch.float64)
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError("reward: must be finite (a -inf reward is a zero label: clamp it)")
+    if float(r.max()) > float(upper) + 1e-9:
+        raise ValueError(f"reward: must be <= upper = {upper}, got a maximum of {float(r.max())}")
+    p = (r - float(upper)).clamp(max=0.0).exp()
+    return torch.stack([1.0 - p, p], -1)
 
 
 class NoisyClassifier(nn.Module):
