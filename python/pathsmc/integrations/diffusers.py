@@ -282,6 +282,8 @@ class DiffusersSteeringModel:
         want_grad = active and not final and self.guidance != 0.0 \
             and self.chain.steps[k].std > 0.0
         size = max(1, self.models[0].chunk_size // b)
+        # a learned value needs no gradient through the network: only the reward on x̂₀ does
+        net_grad = want_grad and self.value is None
         props, means, pots = [], [[] for _ in self.models], []
         for j0, j1 in _chunks(n, size):
             xc = x[:, j0:j1].detach()
@@ -293,11 +295,13 @@ class DiffusersSteeringModel:
                         pot = self._potential(xc, None, k)
                     pots.append(pot)
                     continue
-                outs = [m.predict(xg, k, self.chain) for m in self.models]
-                x0s = [self.chain.denoise(k, xg, o) for o in outs]
-                comb = sum(bk * o for bk, o in zip(self.betas, outs, strict=True))
-                px0, peps = self.chain.denoise(k, xg, comb)
-                pmean = self.chain.mean(k, xg, px0, peps)
+                xn = xg if net_grad else xc
+                with torch.enable_grad() if net_grad else torch.no_grad():
+                    outs = [m.predict(xn, k, self.chain) for m in self.models]
+                    x0s = [self.chain.denoise(k, xn, o) for o in outs]
+                    comb = sum(bk * o for bk, o in zip(self.betas, outs, strict=True))
+                    px0, peps = self.chain.denoise(k, xn, comb)
+                    pmean = self.chain.mean(k, xn, px0, peps)
                 if want_pot or want_grad:
                     out = self._potential(xg, x0s[0][0], k)
                     if isinstance(out, tuple):
