@@ -37,8 +37,7 @@ from pathsmc.commands.demo_digits import (
 )
 from pathsmc.diffusion import steer
 from pathsmc.integrations.diffusers import DiffusersModel
-from pathsmc.learn.chain_paths import chain_states
-from pathsmc.learn.noisy_classifier import NoisyClassifier, train_noisy_classifier
+from pathsmc.learn.noisy_classifier import NoisyClassifier, fit_class_twist
 from pathsmc.models.digits import (
     NULL_CLASS,
     NUM_CLASSES,
@@ -53,23 +52,10 @@ METHODS = ("fk", "tds", "learned", "fk-t0.3", "tds-t0.3", "learned-t0.3")
 
 def fit(unet, sched, reward_net, a) -> tuple[NoisyClassifier, dict]:
     model = DiffusersModel(unet, sched, class_labels=torch.tensor([NULL_CLASS]))
-    g = torch.Generator().manual_seed(a.seed + 1000)
-    t0 = time.perf_counter()
-    xs, times = chain_states(model, a.steps, paths=a.paths + a.held_out, generator=g)
-    with torch.no_grad():
-        labels = reward_net(xs[:, -1]).exp()
-    sample_s = time.perf_counter() - t0
     torch.manual_seed(a.seed)
-    net = NoisyClassifier(xs[0, 0].numel(), NUM_CLASSES, hidden=a.hidden, layers=a.layers)
-    t0 = time.perf_counter()
-    hist = train_noisy_classifier(net, xs[:a.paths], times, labels[:a.paths], epochs=a.epochs,
-                                  validation=(xs[a.paths:], labels[a.paths:]), seed=a.seed,
-                                  log=print)
-    net.requires_grad_(False)
-    return net, {"sample_seconds": sample_s, "fit_seconds": time.perf_counter() - t0,
-                 "train_loss": hist.train, "held_out_loss": hist.valid,
-                 "best_epoch": hist.best_epoch,
-                 "params": sum(p.numel() for p in net.parameters())}
+    net = NoisyClassifier(64, NUM_CLASSES, hidden=a.hidden, layers=a.layers)
+    return fit_class_twist(model, a.steps, reward_net, paths=a.paths, held_out=a.held_out,
+                           epochs=a.epochs, net=net, seed=a.seed + 1000, log=print)
 
 
 def run(method: str, unet, sched, reward_net, net: NoisyClassifier, a,
@@ -147,7 +133,7 @@ def markdown(data: dict) -> list[str]:
     lines = [f"# Noisy-classifier twist vs Tweedie twist on the digits DDPM ({data['device']})",
              "", f"All 10 classes × {c['runs']} replicates, N = {c['particles']}, {c['steps']} "
              f"steps, seed {c['seed']}. Twist: {what} "
-             f"({f['sample_seconds']:.0f} s to sample) for {len(f['train_loss'])} epochs "
+             f"({f['sample_seconds']:.0f} s to sample) for {len(f['train_loss'])} epoch(s) "
              f"({f['fit_seconds']:.0f} s), kept epoch {f['best_epoch']} (held-out cross-entropy "
              + ", ".join(f"{v:.3f}" for v in f["held_out_loss"]) + ").",
              "", "| method | final ESS | min ESS | log Ẑ spread | mean z vs plain | Σ_k Ẑ_k ± SE "

@@ -121,7 +121,7 @@ def train_unet(steps: int, batch: int, lr: float, p_uncond: float, seed: int):
 def train_noisy(paths: int, held_out: int, steps: int, epochs: int, seed: int, out: Path):
     """The noisy classifier on the chain of the UNet and reward CNN found in ``out``."""
     from pathsmc.integrations.diffusers import DiffusersModel
-    from pathsmc.learn import NoisyClassifier, chain_states, train_noisy_classifier
+    from pathsmc.learn import NoisyClassifier, fit_class_twist
 
     config = json.loads((out / digits.UNET_CONFIG_FILE).read_text())
     unet = build_unet(config["unet"])
@@ -132,21 +132,12 @@ def train_noisy(paths: int, held_out: int, steps: int, epochs: int, seed: int, o
     reward.eval().requires_grad_(False)
     model = DiffusersModel(unet, build_scheduler(config["scheduler"]),
                            class_labels=torch.tensor([NULL_CLASS]))
-    t0 = time.perf_counter()
-    xs, times = chain_states(model, steps, paths=paths + held_out,
-                             generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        labels = reward(xs[:, -1]).exp()
-    sample_s = time.perf_counter() - t0
     torch.manual_seed(seed)
-    net = NoisyClassifier(xs[0, 0].numel(), digits.NUM_CLASSES, **digits.NOISY_ARCH)
-    hist = train_noisy_classifier(net, xs[:paths], times, labels[:paths], epochs=epochs,
-                                  validation=(xs[paths:], labels[paths:]), seed=seed,
-                                  log=lambda m: print(m, flush=True))
-    info = {"paths": paths, "held_out": held_out, "chain_steps": steps, "epochs": epochs,
-            "best_epoch": hist.best_epoch, "train_loss": hist.train,
-            "held_out_loss": hist.valid, "sample_seconds": sample_s,
-            "fit_seconds": time.perf_counter() - t0 - sample_s, "arch": digits.NOISY_ARCH}
+    net = NoisyClassifier(64, digits.NUM_CLASSES, **digits.NOISY_ARCH)
+    net, info = fit_class_twist(model, steps, reward, paths=paths, held_out=held_out,
+                                epochs=epochs, net=net, seed=seed,
+                                log=lambda m: print(m, flush=True))
+    info["arch"] = digits.NOISY_ARCH
     return net.eval(), info
 
 
@@ -159,7 +150,8 @@ def main() -> None:
     p.add_argument("--classifier-steps", type=int, default=1500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-unet", action="store_true", help="only (re)train the classifiers")
+    p.add_argument("--skip-unet", action="store_true",
+                   help="only (re)train the classifiers and the noisy classifier")
     p.add_argument("--noisy-paths", type=int, default=32768,
                    help="plain-chain paths for the noisy classifier (+ 2048 held out)")
     p.add_argument("--noisy-steps", type=int, default=50, help="chain steps of those paths")

@@ -242,7 +242,7 @@ def run_method(setup: DigitsSetup, method: str, *, particles: int, runs: int = 1
             if setup.noisy is None:
                 raise ValueError("method 'learned': this DigitsSetup has no noisy classifier "
                                  "(load_setup loads the shipped one)")
-            first, _ = _models(setup, classes, chunk_size, 1.0, potential_scale)
+            first, _ = _models(setup, classes, chunk_size, 1.0)  # a value is used as is
             res = steer(first, "twisted", value=setup.noisy.twist(classes), reward=reward,
                         guidance=guidance, **common)
         elif method == "guided":

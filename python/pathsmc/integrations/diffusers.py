@@ -422,6 +422,9 @@ def chain_steering_model(
                 or m.eta != first.eta:
             raise ValueError(f"model[{i}]: every model must share the scheduler (config, eta) "
                              "and the sample shape of model[0]")
+    if value is not None and any(m.potential_scale is not None for m in models):
+        raise ValueError("potential_scale: it scales reward potentials r(x̂₀); a value= twist "
+                         "is used as given (drop potential_scale, or fold it into the value)")
     if ops is None:
         import pathsmc.ops as ops
     return DiffusersSteeringModel(models=models, betas=betas, mode=mode, steps=int(steps),

@@ -42,6 +42,7 @@ from pathsmc.learn.noisy_classifier import (
     FitHistory,
     NoisyClassifier,
     bounded_reward_labels,
+    fit_class_twist,
     soft_label_loss,
     train_noisy_classifier,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "contrastive_twist_loss",
     "diffusion_log_ratios",
     "elbo_loss",
+    "fit_class_twist",
     "log_variance_loss",
     "path_consistency_loss",
     "path_log_weights",

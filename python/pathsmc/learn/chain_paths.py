@@ -184,25 +184,29 @@ def sample_chain_paths(model, steps: int, reward: Callable[[torch.Tensor], torch
 
 @torch.no_grad()
 def chain_states(model, steps: int, *, paths: int, chunk: int = 1024,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[float]]:
-    """``paths`` independent paths of the plain chain (no guidance, no rewards): states
-    ``(paths, K+1, C, H, W)`` and their noise levels ``[t_0, …, t_{K-1}, 0]`` (the sample's is
-    0), ``chunk`` paths per network call. ``model.class_labels``, if set, must have one row."""
-    if int(paths) < 1:
-        raise ValueError(f"paths: expected a positive integer, got {paths}")
+                 generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, list[float]]:
+    """``paths`` independent paths of the plain chain (``model.step``: no guidance, no
+    rewards): states ``(paths, K+1, C, H, W)`` and their noise levels ``[t_0, …, t_{K-1}, 0]``
+    (the sample's is 0; DDPM's and DDIM's last step is at t = 0 too), ``chunk`` paths per
+    network call. ``device``: where the paths live (default: the UNet's); a ``generator`` must
+    be on that device. ``model.class_labels``, if set, must have one row."""
+    if int(paths) < 1 or int(chunk) < 1:
+        raise ValueError(f"paths, chunk: expected positive integers, got {paths}, {chunk}")
+    if model.class_labels is not None and model.class_labels.shape[0] != 1:
+        raise ValueError(f"model.class_labels: expected one row for chain_states, got "
+                         f"{tuple(model.class_labels.shape)} (use model.with_condition(...))")
+    if device is None:
+        device = next((p.device for p in model.unet.parameters()), torch.device("cpu"))
     chain = model.chain(steps)
+    sigma0 = float(getattr(chain.scheduler, "init_noise_sigma", 1.0))
     out = []
     for i in range(0, int(paths), int(chunk)):
         n = min(int(chunk), int(paths) - i)
-        x = torch.randn(1, n, *model.sample_shape, generator=generator)
-        x = x * float(getattr(chain.scheduler, "init_noise_sigma", 1.0))
+        x = sigma0 * torch.randn(1, n, *model.sample_shape, generator=generator, device=device)
         xs = [x]
         for k in range(chain.num_steps):
-            st = chain.steps[k]
-            x0, eps = chain.denoise(k, x, model.predict(x, k, chain))
-            x = chain.mean(k, x, x0, eps)
-            if st.std > 0.0:
-                x = x + st.std * torch.randn(x.shape, generator=generator)
+            x = model.step(k, x, steps=steps, generator=generator)
             xs.append(x)
         out.append(torch.stack(xs, 2)[0])
     return torch.cat(out), [st.frac for st in chain.steps] + [0.0]

@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["FitHistory", "NoisyClassifier", "bounded_reward_labels", "soft_label_loss",
-           "train_noisy_classifier"]
+__all__ = ["FitHistory", "NoisyClassifier", "bounded_reward_labels", "fit_class_twist",
+           "soft_label_loss", "train_noisy_classifier"]
 
 
 def soft_label_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mean cross-entropy ``−Σ_k targets_k · log_probs_k`` over the leading dims; both
-    ``(..., K)``. Minimal in ``log_probs`` at ``log E[targets | inputs]``."""
+    ``(..., K)``. ``log_probs`` must be normalized (``log_softmax``, as
+    :class:`NoisyClassifier` returns; raw logits make it unbounded below); then it is minimal
+    at ``log E[targets | inputs]``."""
     if log_probs.shape != targets.shape:
         raise ValueError(f"targets: expected shape {tuple(log_probs.shape)}, got "
                          f"{tuple(targets.shape)}")
@@ -83,7 +85,7 @@ class NoisyClassifier(nn.Module):
         """``log q_θ(· | x, t)`` ``(..., K)`` for states ``(..., C, H, W)`` flattening to
         ``dim`` values and ``t`` a float or a tensor broadcastable to the leading shape."""
         lead = x.shape[:-3]
-        flat = x.reshape(*lead, -1).float()
+        flat = x.reshape(*lead, -1).to(self.freq.dtype)
         if flat.shape[-1] != self.dim:
             raise ValueError(f"x: expected states of {self.dim} values, got {tuple(x.shape)}")
         tt = torch.as_tensor(t, dtype=flat.dtype, device=flat.device).expand(lead)[..., None]
@@ -126,9 +128,12 @@ class FitHistory:
 def _pairs(states: torch.Tensor, times: Sequence[float], targets: torch.Tensor, classes: int,
            name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(states, times, soft labels) flattened to one row per (path, noise level)."""
-    if states.dim() < 3:
-        raise ValueError(f"{name}: expected states (M, T, ...), got {tuple(states.shape)}")
+    if states.dim() < 5:
+        raise ValueError(f"{name}: expected states (M, T, C, H, W), got "
+                         f"{tuple(states.shape)}")
     m, t_n = states.shape[:2]
+    if m < 1:
+        raise ValueError(f"{name}: no paths")
     if len(times) != t_n:
         raise ValueError(f"times: expected {t_n} noise levels for {name}, got {len(times)}")
     if targets.shape != (m, classes):
@@ -137,7 +142,7 @@ def _pairs(states: torch.Tensor, times: Sequence[float], targets: torch.Tensor, 
     if not bool(torch.isfinite(states).all()) or not bool(torch.isfinite(targets).all()):
         raise ValueError(f"{name}: states and soft labels must be finite")
     x = states.reshape(m * t_n, *states.shape[2:])
-    tt = torch.as_tensor(list(times), dtype=torch.float32).repeat(m)
+    tt = torch.as_tensor(list(times), dtype=torch.float32, device=states.device).repeat(m)
     return x, tt, targets.repeat_interleave(t_n, 0)
 
 
@@ -156,10 +161,16 @@ def train_noisy_classifier(net: NoisyClassifier, states: torch.Tensor, times: Se
     epoch, and the parameters of the best epoch are kept. At high noise the soft value is
     nearly constant while each path's label is a single draw, so a large network memorizes the
     labels after a few epochs: keep epochs few or hold paths out."""
+    if int(epochs) < 1 or int(batch_size) < 1:
+        raise ValueError(f"epochs, batch_size: expected positive integers, got {epochs}, "
+                         f"{batch_size}")
+    if not any(p.requires_grad for p in net.parameters()):
+        raise ValueError("net: no parameter requires grad (load_noisy_classifier() returns a "
+                         "frozen network: call net.requires_grad_(True) to fine-tune it)")
     x, tt, y = _pairs(states, times, targets, net.classes, "states/targets")
     valid = None if validation is None else _pairs(*validation[:1], times, validation[1],
                                                    net.classes, "validation")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         opt, max(1, int(epochs) * math.ceil(x.shape[0] / batch_size)))
@@ -167,7 +178,7 @@ def train_noisy_classifier(net: NoisyClassifier, states: torch.Tensor, times: Se
     best: dict[str, torch.Tensor] | None = None
     t0 = time.perf_counter()
     for ep in range(int(epochs)):
-        perm = torch.randperm(x.shape[0], generator=gen)
+        perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
         total = 0.0
         for i in range(0, x.shape[0], batch_size):
             idx = perm[i:i + batch_size]
@@ -199,3 +210,46 @@ def train_noisy_classifier(net: NoisyClassifier, states: torch.Tensor, times: Se
     else:
         hist.best_epoch = int(epochs) - 1
     return hist
+
+
+def fit_class_twist(model, steps: int, classifier: Callable[[torch.Tensor], torch.Tensor], *,
+                    paths: int = 32768, held_out: int = 2048, epochs: int = 1,
+                    net: NoisyClassifier | None = None, seed: int = 0,
+                    log: Callable[[str], None] | None = None
+                    ) -> tuple[NoisyClassifier, dict]:
+    """The whole recipe: ``paths + held_out`` paths of ``model``'s plain ``steps``-step chain
+    (:func:`~pathsmc.learn.chain_paths.chain_states`; ``model.class_labels`` of one row, e.g.
+    the null class), soft labels ``classifier(X_K).exp()`` (``classifier`` returns
+    log-probabilities ``(M, K)``), and :func:`train_noisy_classifier` with the held-out paths
+    for early stopping, all on the UNet's device. ``net`` defaults to a
+    ``NoisyClassifier(dim, K)`` seeded by ``seed``.
+    Returns the frozen network (``requires_grad_(False)``, ready for ``net.twist``) and a dict
+    of what was done (paths, seconds, losses, best epoch, parameters)."""
+    from pathsmc.learn.chain_paths import chain_states
+
+    if int(held_out) < 1:
+        raise ValueError(f"held_out: expected a positive integer, got {held_out}")
+    dev = next((q.device for q in model.unet.parameters()), torch.device("cpu"))
+    t0 = time.perf_counter()
+    xs, times = chain_states(model, steps, paths=int(paths) + int(held_out),
+                             generator=torch.Generator(device=dev).manual_seed(seed), device=dev)
+    with torch.no_grad():
+        labels = classifier(xs[:, -1]).exp()
+    if labels.dim() != 2 or labels.shape[0] != xs.shape[0]:
+        raise ValueError(f"classifier: expected log-probabilities ({xs.shape[0]}, K), got "
+                         f"{tuple(labels.shape)}")
+    sample_s = time.perf_counter() - t0
+    if net is None:
+        torch.manual_seed(seed)
+        net = NoisyClassifier(xs[0, 0].numel(), labels.shape[1]).to(dev)
+    p = int(paths)
+    t0 = time.perf_counter()
+    hist = train_noisy_classifier(net, xs[:p], times, labels[:p], epochs=epochs,
+                                  validation=(xs[p:], labels[p:]), seed=seed, log=log)
+    net.requires_grad_(False)
+    info = {"paths": p, "held_out": int(held_out), "chain_steps": int(steps),
+            "epochs": int(epochs), "best_epoch": hist.best_epoch, "train_loss": hist.train,
+            "held_out_loss": hist.valid, "sample_seconds": sample_s,
+            "fit_seconds": time.perf_counter() - t0,
+            "params": sum(q.numel() for q in net.parameters())}
+    return net, info
