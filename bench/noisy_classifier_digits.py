@@ -166,6 +166,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--stem", default="noisy-classifier-digits-cpu")
+    ap.add_argument("--plot", default=None,
+                    help="where the PNG goes (default: next to the results; docs/ keeps one)")
     ap.add_argument("--shipped", action="store_true",
                     help="use the shipped twist (load_noisy_classifier) instead of fitting one")
     a = ap.parse_args()
@@ -202,8 +204,9 @@ def main() -> None:
                       "se": [float(v) for v in est_se], "log_z_mean": float(est.mean())}}
     path = write_results(RESULTS, a.stem, data, markdown(data))
     try:
-        plot(data, f"{path}.png")
-        print(f"wrote {path}.png")
+        png = a.plot or f"{path}.png"
+        plot(data, png)
+        print(f"wrote {png}")
     except ImportError:
         print("matplotlib is not installed: no plot")
     print("\n".join(markdown(data)))
