@@ -17,6 +17,8 @@ function serves the diffusion chains of :mod:`pathsmc.diffusion` and the token m
   :func:`train_chain_twist`);
 - :mod:`.noisy_classifier`: the soft values of a classifier reward, learned for every class at
   once as a classifier of noisy states (soft-label regression on plain-chain paths);
+- :mod:`.lm_twist`: token-local twists for causal LMs (``lm_smc``), learned the same way
+  from the LM's own samples (:class:`PrefixValue`, :func:`fit_lm_twist`);
 - :mod:`.replay`: a replay buffer of detached paths; :mod:`.train`: training loops.
 """
 
@@ -37,6 +39,7 @@ from pathsmc.learn.diffusion_paths import (
     sample_diffusion_paths,
 )
 from pathsmc.learn.elbo import elbo_loss
+from pathsmc.learn.lm_twist import PrefixValue, fit_lm_twist, lm_twist_loss, plain_lm_paths
 from pathsmc.learn.log_variance import log_variance_loss, path_log_weights
 from pathsmc.learn.noisy_classifier import (
     FitHistory,
@@ -58,6 +61,7 @@ __all__ = [
     "DiffusionPaths",
     "FitHistory",
     "NoisyClassifier",
+    "PrefixValue",
     "ReplayBuffer",
     "TokenPaths",
     "TokenValue",
@@ -71,9 +75,12 @@ __all__ = [
     "diffusion_log_ratios",
     "elbo_loss",
     "fit_class_twist",
+    "fit_lm_twist",
+    "lm_twist_loss",
     "log_variance_loss",
     "path_consistency_loss",
     "path_log_weights",
+    "plain_lm_paths",
     "reparameterized_log_weights",
     "sample_chain_paths",
     "soft_label_loss",
