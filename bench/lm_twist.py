@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--paths", type=int, default=16384)
     ap.add_argument("--reference", type=int, default=32768)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--particles", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--runs", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)

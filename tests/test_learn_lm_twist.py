@@ -117,3 +117,13 @@ def test_bad_arguments_are_named():
     assert math.isfinite(float(loss.detach()))  # a violated constraint is a zero label, not a NaN
     with pytest.raises(ValueError, match="paths"):
         plain_lm_paths(tiny_lm(), PROMPTS, 0, T)
+    common = {"max_new_tokens": T, "paths": 8, "held_out": 4, "eos_token_id": EOS}
+    with pytest.raises(ValueError, match="upper: 1.0 given, but net.upper = 0.0"):
+        fit_lm_twist(tiny_lm(), PROMPTS, reward_fn, upper=1.0, net=PrefixValue(V), **common)
+    with pytest.raises(ValueError, match="net: vocab_size 5"):
+        fit_lm_twist(tiny_lm(), PROMPTS, reward_fn, net=PrefixValue(V - 1), **common)
+    with pytest.raises(ValueError, match="requires_grad_"):
+        fit_lm_twist(tiny_lm(), PROMPTS, reward_fn, net=PrefixValue(V).requires_grad_(False),
+                     **common)
+    with pytest.raises(ValueError, match="reward: expected a floating-point tensor"):
+        fit_lm_twist(tiny_lm(), PROMPTS, lambda t, n: n > 2, upper=UPPER, **common)

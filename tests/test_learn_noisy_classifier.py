@@ -182,6 +182,8 @@ def test_bad_arguments_are_named():
         train_noisy_classifier(net, bad, [0.5] * 4, y)
     with pytest.raises(ValueError, match="targets: expected shape"):
         soft_label_loss(torch.zeros(2, 3), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="log-probabilities"):
+        train_noisy_classifier(net, xs, [0.5] * 4, 3 * y)  # probabilities: rows sum to 3
     with pytest.raises(ValueError, match="epochs, batch_size"):
         train_noisy_classifier(net, xs, [0.5] * 4, y, batch_size=0)
     with pytest.raises(ValueError, match="validation: no paths"):
@@ -227,6 +229,12 @@ def test_value_twist_runs_the_denoiser_without_a_graph(probit):
     seen.clear()
     steer(model, "reward", reward=reward, guidance=1.0, **common)
     assert any(seen)
+    net = NoisyClassifier(4, 2, hidden=8, layers=1)
+    with pytest.raises(ValueError, match=r"value `.*NoisyClassifier` returned \(2, 4, 2\), "
+                                         r"expected a tensor of shape \(2, 4\).*net.twist"):
+        steer(model, "twisted", value=net, reward=reward, **common)  # the net, not its twist
+    with pytest.raises(ValueError, match=r"reward `.*<lambda>` returned \(8,\)"):
+        steer(model, "reward", reward=lambda im: reward(im).flatten(), **common)
     scaled = DiffusersModel(probit.model.unet, probit.model.scheduler, sample_shape=(1, 2, 2),
                             potential_scale=lambda t: 0.5)
     with pytest.raises(ValueError, match="potential_scale"):

@@ -251,23 +251,47 @@ class DiffusersSteeringModel:
         self.shape = models[0].sample_shape
         self.t_start = models[0].t_start
         self.potential_scale = _checked_scale(models[0].potential_scale, self.chain)
+        self._seen: set[str] = set()  # user functions whose output shape was checked
 
     def _active(self, k: int) -> bool:
         """Potentials / guidance at chain state k (k = num_steps: the final sample)."""
         return k == self.num_steps or self.chain.steps[k].frac <= self.t_start + 1e-12
 
+    def _checked(self, out: Any, fn: Callable[..., Any], role: str, x: torch.Tensor) -> Any:
+        """The first output of each user function: a ``(B, n)`` tensor, or a pair
+        ``(values, gradients)``; the error names the function."""
+        if role in self._seen:
+            return out
+        from pathsmc.user_checks import function_name
+
+        b, n = x.shape[:2]
+        name = f"{role} `{function_name(fn)}`"
+        pot = out[0] if isinstance(out, tuple) else out
+        if not isinstance(pot, torch.Tensor) or tuple(pot.shape) != (b, n):
+            got = tuple(pot.shape) if isinstance(pot, torch.Tensor) else type(pot).__name__
+            hint = (" (a network? pass its twist, e.g. value=net.twist(classes))"
+                    if role == "value" and isinstance(fn, torch.nn.Module) else "")
+            raise ValueError(f"{name} returned {got}, expected a tensor of shape ({b}, {n}): "
+                             f"one value per (row, particle) of states {tuple(x.shape)}{hint}")
+        if isinstance(out, tuple) and (len(out) != 2 or not isinstance(out[1], torch.Tensor)
+                                       or out[1].shape[:2] != x.shape[:2]):
+            raise ValueError(f"{name} returned a tuple: expected (values ({b}, {n}), "
+                             f"gradients with the states' leading shape ({b}, {n}, ...))")
+        self._seen.add(role)
+        return out
+
     def _potential(self, x: torch.Tensor, x0: torch.Tensor | None, k: int) -> torch.Tensor:
         final = k == self.num_steps
         if self.value is not None and not (final and self.reward is not None):
             t = 0.0 if final else self.chain.steps[k].frac
-            return self.value(x, t)
+            return self._checked(self.value(x, t), self.value, "value", x)
         img = x if final else x0
         dec = self.models[0].decode
         if dec is not None:
             b, n = img.shape[:2]
             d = dec(img.reshape(b * n, *img.shape[2:]))
             img = d.reshape(b, n, *d.shape[1:])
-        r = self.reward(img)
+        r = self._checked(self.reward(img), self.reward, "reward", x)
         if final or self.potential_scale is None:
             return r
         lam = self.potential_scale[k]

@@ -13,6 +13,7 @@ positions (teacher forcing); only the sampled next token of each position gets a
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -126,26 +127,52 @@ def plain_lm_paths(model: Any, prompt_ids: torch.Tensor, paths: int, max_new_tok
 
 def fit_lm_twist(model: Any, prompt_ids: torch.Tensor,
                  reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-                 max_new_tokens: int, upper: float = 0.0, paths: int = 4096,
-                 eos_token_id: int | None = None, epochs: int = 4, batch_paths: int = 256,
-                 lr: float = 3e-3, net: PrefixValue | None = None, seed: int = 0,
-                 log: Callable[[str], None] | None = None) -> tuple[PrefixValue, dict]:
-    """Sample ``paths`` plain continuations per prompt, label them with
-    ``reward(tokens, lengths) <= upper`` and fit ``net`` (default ``PrefixValue(V, upper=upper)``
-    with V from ``model.config.vocab_size``) by :func:`lm_twist_loss` with Adam. Returns the
-    frozen network (``net.twist(prompt_ids)`` is the twist) and a dict of what was done."""
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    tokens, lengths = plain_lm_paths(model, prompt_ids, paths, max_new_tokens,
-                                     eos_token_id=eos_token_id, generator=gen)
-    r = reward(tokens, lengths).double()
-    sample_s = time.perf_counter() - t0
+                 max_new_tokens: int, upper: float | None = None, paths: int = 4096,
+                 held_out: int = 512, eos_token_id: int | None = None, epochs: int = 8,
+                 batch_paths: int = 256, lr: float = 3e-3, net: PrefixValue | None = None,
+                 seed: int = 0, log: Callable[[str], None] | None = None
+                 ) -> tuple[PrefixValue, dict]:
+    """Sample ``paths + held_out`` plain continuations per prompt, label them with
+    ``reward(tokens (B, M, L), lengths (B, M)) <= upper`` (tokens padded with the EOS id after
+    it; ``lengths`` count the EOS; ``−inf`` for a violated constraint) and fit ``net`` (default
+    ``PrefixValue(model.config.vocab_size, upper=upper or 0)``; a given ``net`` brings its own
+    ``upper``) by :func:`lm_twist_loss` with Adam, keeping the epoch with the lowest loss on the
+    held-out paths (watch ``info["held_out_loss"]``: still falling at the end means more
+    epochs or paths). Returns the frozen network (``net.twist(prompt_ids)`` is the twist) and a
+    dict of what was done."""
+    vocab = int(model.config.vocab_size)
     if net is None:
         torch.manual_seed(seed)
-        net = PrefixValue(int(model.config.vocab_size), upper=upper)
+        net = PrefixValue(vocab, upper=0.0 if upper is None else upper)
+    elif upper is not None and float(upper) != net.upper:
+        raise ValueError(f"upper: {upper} given, but net.upper = {net.upper} (the net's bound "
+                         "is the one used; leave upper=None)")
+    if net.vocab_size != vocab:
+        raise ValueError(f"net: vocab_size {net.vocab_size}, but the model's is {vocab}")
+    if not any(p.requires_grad for p in net.parameters()):
+        raise ValueError("net: no parameter requires grad (fit_lm_twist returns a frozen "
+                         "network: call net.requires_grad_(True) to train it further)")
+    if int(held_out) < 1 or int(epochs) < 1 or int(batch_paths) < 1:
+        raise ValueError(f"held_out, epochs, batch_paths: expected positive integers, got "
+                         f"{held_out}, {epochs}, {batch_paths}")
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    tokens, lengths = plain_lm_paths(model, prompt_ids, int(paths) + int(held_out),
+                                     max_new_tokens, eos_token_id=eos_token_id, generator=gen)
+    r = reward(tokens, lengths)
+    if not isinstance(r, torch.Tensor) or not r.is_floating_point() or \
+            r.shape != lengths.shape:
+        raise ValueError(f"reward: expected a floating-point tensor of shape "
+                         f"{tuple(lengths.shape)}, got {getattr(r, 'dtype', type(r))} "
+                         f"{tuple(getattr(r, 'shape', ()))}")
+    r = r.double()
+    sample_s = time.perf_counter() - t0
+    m = int(paths)
+    held = (tokens[:, m:], lengths[:, m:], r[:, m:])
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    b, m = tokens.shape[:2]
     losses: list[float] = []
+    valid: list[float] = []
+    best, best_epoch = None, -1
     t0 = time.perf_counter()
     for ep in range(int(epochs)):
         perm = torch.randperm(m, generator=gen)
@@ -159,9 +186,16 @@ def fit_lm_twist(model: Any, prompt_ids: torch.Tensor,
             total += float(loss.detach()) * idx.numel()
             count += idx.numel()
         losses.append(total / count)
+        with torch.no_grad():
+            valid.append(float(lm_twist_loss(net, prompt_ids, *held)))
+        if valid[-1] <= min(valid):
+            best, best_epoch = copy.deepcopy(net.state_dict()), ep
         if log is not None:
-            log(f"epoch {ep:3d}  t={time.perf_counter() - t0:6.1f}s  loss={losses[-1]:.4f}")
+            log(f"epoch {ep:3d}  t={time.perf_counter() - t0:6.1f}s  loss={losses[-1]:.4f}  "
+                f"held-out={valid[-1]:.4f}")
+    net.load_state_dict(best)
     net.requires_grad_(False)
-    return net, {"paths": int(paths), "sample_seconds": sample_s,
+    return net, {"paths": m, "held_out": int(held_out), "sample_seconds": sample_s,
                  "fit_seconds": time.perf_counter() - t0, "loss": losses,
+                 "held_out_loss": valid, "best_epoch": best_epoch,
                  "label_mean": float((r - net.upper).exp().mean())}

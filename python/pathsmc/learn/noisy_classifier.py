@@ -117,8 +117,8 @@ class NoisyClassifier(nn.Module):
 @dataclass
 class FitHistory:
     """Mean loss per epoch on the training paths and (if given) the held-out paths; the
-    returned network holds the parameters of ``best_epoch`` (lowest held-out loss, else the
-    last epoch)."""
+    returned network holds the parameters of ``best_epoch`` (0-based; the lowest held-out
+    loss, else the last epoch)."""
 
     train: list[float] = field(default_factory=list)
     valid: list[float] = field(default_factory=list)
@@ -141,6 +141,11 @@ def _pairs(states: torch.Tensor, times: Sequence[float], targets: torch.Tensor, 
                          f"{tuple(targets.shape)}")
     if not bool(torch.isfinite(states).all()) or not bool(torch.isfinite(targets).all()):
         raise ValueError(f"{name}: states and soft labels must be finite")
+    sums = targets.double().sum(-1)
+    if bool((targets < 0).any()) or not bool(((sums - 1.0).abs() < 1e-3).all()):
+        raise ValueError(f"{name}: soft labels must be probabilities summing to 1 per path (got "
+                         f"row sums from {float(sums.min()):.4g} to {float(sums.max()):.4g}; "
+                         "a classifier must return log-probabilities, e.g. log_softmax)")
     x = states.reshape(m * t_n, *states.shape[2:])
     tt = torch.as_tensor(list(times), dtype=torch.float32, device=states.device).repeat(m)
     return x, tt, targets.repeat_interleave(t_n, 0)
@@ -219,10 +224,11 @@ def fit_class_twist(model, steps: int, classifier: Callable[[torch.Tensor], torc
                     ) -> tuple[NoisyClassifier, dict]:
     """The whole recipe: ``paths + held_out`` paths of ``model``'s plain ``steps``-step chain
     (:func:`~pathsmc.learn.chain_paths.chain_states`; ``model.class_labels`` of one row, e.g.
-    the null class), soft labels ``classifier(X_K).exp()`` (``classifier`` returns
-    log-probabilities ``(M, K)``), and :func:`train_noisy_classifier` with the held-out paths
-    for early stopping, all on the UNet's device. ``net`` defaults to a
-    ``NoisyClassifier(dim, K)`` seeded by ``seed``.
+    the null class), soft labels ``classifier(X_K).exp()`` (``classifier`` maps samples
+    ``(M, C, H, W)`` to log-probabilities ``(M, K)``; for a scalar reward bounded above use
+    ``lambda x: bounded_reward_labels(r(x), upper).log()`` and a twist of class 1), and
+    :func:`train_noisy_classifier` with the held-out paths for early stopping, all on the
+    UNet's device. ``net`` defaults to a ``NoisyClassifier(dim, K)`` seeded by ``seed``.
     Returns the frozen network (``requires_grad_(False)``, ready for ``net.twist``) and a dict
     of what was done (paths, seconds, losses, best epoch, parameters)."""
     from pathsmc.learn.chain_paths import chain_states
